@@ -1,0 +1,121 @@
+"""The one settings object: every endpoint, path and model name, read from HEADWATER_* variables."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _user_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "headwater"
+
+
+class Settings(BaseSettings):
+    """Headwater's configuration; defaults run the whole local stack on loopback."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HEADWATER_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    data_dir: Path = Field(
+        default=PROJECT_ROOT / ".data",
+        description="Where the local stack keeps its databases, logs and PID files.",
+    )
+    cache_dir: Path = Field(
+        default_factory=_user_cache_dir,
+        description="Where built binaries (the Weaviate server) are cached across checkouts.",
+    )
+    config: Path = Field(
+        default=PROJECT_ROOT / "headwater.yaml",
+        description="The sources file: names, types, connections, schedules, policies.",
+    )
+
+    weaviate_version: str = Field(
+        default="1.38.11", description="Weaviate release built with `go install`."
+    )
+    weaviate_binary: Path | None = Field(
+        default=None,
+        description="A prebuilt weaviate-server to run instead of building one.",
+    )
+    weaviate_host: str = Field(default="127.0.0.1", description="Weaviate HTTP/gRPC host.")
+    weaviate_http_port: int = Field(default=8080, description="Weaviate REST port.")
+    weaviate_grpc_port: int = Field(default=50051, description="Weaviate gRPC port.")
+    weaviate_gossip_port: int = Field(default=7946, description="Weaviate memberlist port.")
+    weaviate_data_port: int = Field(default=7947, description="Weaviate cluster data port.")
+    weaviate_raft_port: int = Field(
+        default=8300, description="Weaviate Raft port; the next port serves its cluster RPC."
+    )
+    weaviate_api_key: SecretStr | None = Field(
+        default=None, description="API key for a remote Weaviate (none on loopback)."
+    )
+    weaviate_timeout_s: float = Field(
+        default=30.0, description="Per-call deadline for Weaviate queries and writes."
+    )
+
+    prefect_host: str = Field(default="127.0.0.1", description="Prefect server host.")
+    prefect_port: int = Field(default=4200, description="Prefect server port.")
+    prefect_database_url: str | None = Field(
+        default=None,
+        description="Prefect's database (SQLite under the data dir when unset; PostgreSQL works).",
+    )
+    work_pool: str = Field(default="headwater-local", description="Process work pool name.")
+
+    state_db_url: str | None = Field(
+        default=None,
+        description="Headwater's state store (SQLite under the data dir when unset).",
+    )
+    collection: str = Field(default="HeadwaterChunk", description="Weaviate collection name.")
+    embedding_model: str = Field(
+        default="all-MiniLM-L6-v2", description="sentence-transformers model name or path."
+    )
+    spacy_model: str = Field(default="en_core_web_sm", description="spaCy model for Presidio.")
+    startup_timeout_s: float = Field(
+        default=180.0, description="How long `headwater up` waits for each server to be ready."
+    )
+
+    @property
+    def weaviate_url(self) -> str:
+        return f"http://{self.weaviate_host}:{self.weaviate_http_port}"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"http://{self.prefect_host}:{self.prefect_port}/api"
+
+    @property
+    def resolved_prefect_database_url(self) -> str:
+        return (
+            self.prefect_database_url
+            or f"sqlite+aiosqlite:///{self.data_dir / 'prefect' / 'prefect.db'}"
+        )
+
+    @property
+    def resolved_state_db_url(self) -> str:
+        return self.state_db_url or f"sqlite:///{self.data_dir / 'state.db'}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def settings_table() -> str:
+    """The configuration table of the README, generated from the settings object."""
+    rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=False)
+        if field.default_factory is _user_cache_dir:
+            shown = "`$XDG_CACHE_HOME/headwater` (or `~/.cache/headwater`)"
+        elif isinstance(default, Path) and default.is_relative_to(PROJECT_ROOT):
+            shown = f"`<project>/{default.relative_to(PROJECT_ROOT)}`"
+        elif default is None:
+            shown = "unset"
+        else:
+            shown = f"`{default}`"
+        rows.append(f"| `HEADWATER_{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(rows)

@@ -1,0 +1,99 @@
+"""Shared fixtures: one real local stack per test session, an isolated collection per test."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from headwater import stack
+from headwater.errors import HeadwaterError
+from headwater.settings import Settings, get_settings
+
+# Flows run in this process must talk to the stack's Prefect server, not an ephemeral one.
+os.environ.update(stack.prefect_env(get_settings()))
+
+
+def free_port(span: int = 1) -> int:
+    """A loopback port that is free, together with the `span - 1` ports after it."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if all(_is_free(port + i) for i in range(1, span)):
+            return port
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def isolated_settings(data_dir: Path, **overrides: object) -> Settings:
+    """Settings for a second, private stack: its own data dir and free loopback ports."""
+    ports = {
+        name: free_port()
+        for name in (
+            "weaviate_http_port", "weaviate_grpc_port", "weaviate_gossip_port",
+            "weaviate_data_port", "prefect_port",
+        )
+    }
+    ports["weaviate_raft_port"] = free_port(span=2)
+    return Settings(data_dir=data_dir, **{**ports, **overrides})
+
+
+def stack_failure(error: HeadwaterError) -> str:
+    return f"{error.user_message}\n--- log tail ---\n{error.log_message}"
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return get_settings()
+
+
+@pytest.fixture(scope="session")
+def local_stack(settings: Settings) -> Iterator[list[stack.ComponentStatus]]:
+    """The real stack, started once for the session or reused if already running."""
+    try:
+        statuses = stack.up(settings)
+    except HeadwaterError as error:
+        pytest.fail(f"The local stack could not start: {stack_failure(error)}", pytrace=False)
+    started = {s.name for s in statuses if s.started}
+    yield statuses
+    if started:
+        stack.down(settings, only=started)
+
+
+@pytest.fixture
+def weaviate_client(local_stack: list[stack.ComponentStatus], settings: Settings) -> Iterator:
+    from tasks.index import connect_index
+
+    weaviate = stack.components(settings)[0]
+    if not weaviate.healthy():
+        pytest.fail(
+            f"Weaviate at {settings.weaviate_url} is not answering.\n"
+            f"--- {weaviate.log_file} ---\n{stack.log_tail(weaviate.log_file)}",
+            pytrace=False,
+        )
+    with connect_index(settings) as client:
+        yield client
+
+
+@pytest.fixture
+def collection(weaviate_client, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A collection of this test's own, removed afterwards."""
+    stem = re.sub(r"[^A-Za-z0-9]", "", request.node.name.title())[:40]
+    name = f"Test{stem}{uuid.uuid4().hex[:8]}"
+    yield name
+    weaviate_client.collections.delete(name)

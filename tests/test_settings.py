@@ -1,0 +1,32 @@
+"""Settings: one object, HEADWATER_-prefixed, documented in the README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from headwater.settings import PROJECT_ROOT, Settings, settings_table
+
+
+def test_defaults_run_the_stack_on_loopback() -> None:
+    settings = Settings()
+    assert settings.weaviate_url == "http://127.0.0.1:8080"
+    assert settings.prefect_api_url == "http://127.0.0.1:4200/api"
+    assert settings.resolved_state_db_url.startswith("sqlite:///")
+
+
+def test_environment_overrides_use_the_headwater_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEADWATER_WEAVIATE_HTTP_PORT", "18080")
+    monkeypatch.setenv("HEADWATER_DATA_DIR", "/srv/headwater")
+    monkeypatch.setenv("HEADWATER_WEAVIATE_API_KEY", "s3cret")
+    settings = Settings()
+    assert settings.weaviate_http_port == 18080
+    assert settings.data_dir == Path("/srv/headwater")
+    assert "s3cret" not in repr(settings)
+    assert settings.weaviate_api_key.get_secret_value() == "s3cret"
+
+
+def test_readme_configuration_table_is_generated_from_the_settings() -> None:
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert settings_table() in readme, "run `headwater config --markdown` and paste it in README"
