@@ -86,6 +86,42 @@ def demo() -> None:
 
 
 @app.command()
+def sync(
+    source: str = typer.Argument(..., help="A source named in the sources file."),
+    full: bool = typer.Option(False, "--full", help="Re-read every document, not only changes."),
+) -> None:
+    """Sync one source into the index and print what changed."""
+    from flows.sync import sync_source
+    from tasks.ingest import summary_markdown
+
+    state = sync_source(source, full, return_state=True)
+    if state.is_cancelled():
+        typer.echo(f"skipped: {state.message}", err=True)
+        raise typer.Exit(2)
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        message = error.user_message if isinstance(error, HeadwaterError) else str(error)
+        typer.echo(f"error: sync of {source!r} failed: {message}", err=True)
+        raise typer.Exit(1)
+    typer.echo(summary_markdown(state.result()))
+
+
+@app.command()
+def quarantine(source: str | None = typer.Option(None, help="Only this source.")) -> None:
+    """List the documents rejected by syncs, with the stage and the reason."""
+    from headwater.state import StateStore
+
+    rows = StateStore(get_settings().resolved_state_db_url).quarantined(source)
+    if not rows:
+        typer.echo("nothing is quarantined")
+        return
+    typer.echo(f"{'source':<14}{'document':<40}{'stage':<8}{'tries':<6}{'last seen':<21}reason")
+    for r in rows:
+        typer.echo(f"{r.source:<14}{r.doc_id:<40}{r.stage:<8}{r.attempts:<6}"
+                   f"{r.last_seen:%Y-%m-%d %H:%M:%S}  {r.reason}")
+
+
+@app.command()
 def config(markdown: bool = typer.Option(False, help="Print the README's table.")) -> None:
     """Show the settings in effect (or, with --markdown, the table of every setting)."""
     if markdown:

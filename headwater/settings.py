@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     embedding_model: str = Field(
         default="all-MiniLM-L6-v2", description="sentence-transformers model name or path."
     )
+    embedding_batch_size: int = Field(default=32, description="Texts per model.encode batch.")
+    chunk_tokens: int = Field(
+        default=200, le=254, description="Most tokens in a chunk (the model reads 256 at most)."
+    )
+    chunk_overlap: int = Field(default=32, description="Tokens shared by neighbouring chunks.")
     spacy_model: str = Field(default="en_core_web_sm", description="spaCy model for Presidio.")
     startup_timeout_s: float = Field(
         default=180.0, description="How long `headwater up` waits for each server to be ready."

@@ -18,7 +18,7 @@ from headwater.errors import HeadwaterError
 from headwater.settings import Settings, get_settings
 
 # Flows run in this process must talk to the stack's Prefect server, not an ephemeral one.
-os.environ.update(stack.prefect_env(get_settings()))
+os.environ["PREFECT_API_URL"] = get_settings().prefect_api_url
 
 
 def free_port(span: int = 1) -> int:

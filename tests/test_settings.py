@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,10 @@ import pytest
 from headwater.settings import PROJECT_ROOT, Settings, settings_table
 
 
-def test_defaults_run_the_stack_on_loopback() -> None:
-    settings = Settings()
+def test_defaults_run_the_stack_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("HEADWATER_")]:
+        monkeypatch.delenv(name)
+    settings = Settings(_env_file=None)
     assert settings.weaviate_url == "http://127.0.0.1:8080"
     assert settings.prefect_api_url == "http://127.0.0.1:4200/api"
     assert settings.resolved_state_db_url.startswith("sqlite:///")

@@ -1,0 +1,69 @@
+"""The connector protocol every source implements, and the records it speaks in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+from headwater.records import SourceDocument
+from headwater.state import KnownDocument
+
+# A cursor is whatever a source needs to resume (a change token, a timestamp, a key): it must
+# survive json.dumps, because the state store keeps it between runs.
+Cursor = dict[str, Any]
+
+
+class ChangeKind(StrEnum):
+    ADDED = "added"
+    MODIFIED = "modified"
+    DELETED = "deleted"
+    PERMISSIONS = "permissions"  # only who may read it changed: no re-embedding needed
+    TOUCHED = "touched"  # metadata moved (an mtime) but the content is the same
+
+
+@dataclass(frozen=True)
+class Change:
+    """One document that is new, changed or gone since the cursor."""
+
+    doc_id: str
+    kind: ChangeKind
+    version: str | None = None
+    fingerprint: str | None = None
+    principals: tuple[str, ...] = ()
+
+
+@dataclass
+class ChangePage:
+    """A page of changes and the cursor to store once every change on it is committed."""
+
+    changes: list[Change]
+    cursor: Cursor | None = None
+    unchanged: int = 0
+
+
+@dataclass
+class ConnectionCheck:
+    ok: bool
+    message: str
+    details: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Connector(Protocol):
+    """A source system: what changed since a cursor, and each document's content and readers.
+
+    `known` is what the index holds for the source (doc id -> version), so sources that cannot
+    report deletions themselves (a folder, an S3 prefix) find them by listing difference.
+    """
+
+    name: str
+
+    def test_connection(self) -> ConnectionCheck: ...
+
+    def list_changes(
+        self, cursor: Cursor | None, known: Mapping[str, KnownDocument]
+    ) -> Iterator[ChangePage]: ...
+
+    def fetch(self, change: Change) -> SourceDocument: ...

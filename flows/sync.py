@@ -1,0 +1,56 @@
+"""`sync_source`: keep the index exactly equal to a source, touching only what changed."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.states import Cancelled, State
+
+from headwater.errors import retry_transient
+from headwater.settings import get_settings
+from headwater.state import SourceBusy
+from tasks import ingest
+
+# Stages run in the flow's process, on batches; only transient failures are retried.
+_stage = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 5,
+          "retry_condition_fn": retry_transient}
+
+open_sync = task(name="open_sync", **_stage)(ingest.open_sync)
+fetch_documents = task(name="fetch_documents", **_stage)(ingest.fetch_documents)
+parse_documents = task(name="parse_documents", cache_policy=NO_CACHE)(ingest.parse_documents)
+chunk_documents = task(name="chunk_documents", cache_policy=NO_CACHE)(ingest.chunk_documents)
+embed_chunks = task(name="embed_chunks", cache_policy=NO_CACHE)(ingest.embed_chunks)
+index_chunks = task(name="index_chunks", **_stage)(ingest.index_chunks)
+commit_batch = task(name="commit_batch", **_stage)(ingest.commit_batch)
+
+
+@task(name="publish_summary", cache_policy=NO_CACHE)
+def publish_summary(summary: dict) -> dict:
+    create_markdown_artifact(key=f"sync-{summary['source']}", markdown=ingest.summary_markdown(
+        summary), description=f"Sync of {summary['source']}")
+    return summary
+
+
+@flow(name="sync-source", log_prints=True)
+def sync_source(source: str, full: bool = False) -> dict | State:
+    """Sync one configured source into Weaviate; one run per source at a time."""
+    try:
+        ctx = open_sync(get_settings(), source, full, flow_run.id)
+    except SourceBusy as busy:
+        return Cancelled(message=str(busy))
+    summary = ingest.SyncSummary(source)
+    try:
+        for batch in ingest.list_pages(ctx):
+            if not batch.changes:
+                summary.add(batch)
+                continue
+            batch = fetch_documents(ctx, batch)
+            batch = parse_documents(ctx, batch)
+            batch = embed_chunks(ctx, chunk_documents(ctx, batch))
+            summary.add(commit_batch(ctx, index_chunks(ctx, batch)))
+    except BaseException as error:
+        ingest.close_sync(ctx, summary, "failed", f"{type(error).__name__}: {error}")
+        raise
+    return publish_summary(ingest.close_sync(ctx, summary, "completed"))

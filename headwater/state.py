@@ -1,0 +1,328 @@
+"""The state store: sources, sync runs, document versions, cursors, quarantine, embedding cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from pathlib import Path
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    delete,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SourceRow(Base):
+    __tablename__ = "sources"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    type: Mapped[str] = mapped_column(String(50))
+    cursor: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    last_success_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    lock_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lock_expires: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class SyncRunRow(Base):
+    __tablename__ = "sync_runs"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    source: Mapped[str] = mapped_column(String(200), index=True)
+    flow_run_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    status: Mapped[str] = mapped_column(String(20))
+    summary: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+
+class DocumentRow(Base):
+    __tablename__ = "documents"
+    source: Mapped[str] = mapped_column(String(200), primary_key=True)
+    doc_id: Mapped[str] = mapped_column(String(1000), primary_key=True)
+    version: Mapped[str] = mapped_column(String(200))
+    fingerprint: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    title: Mapped[str] = mapped_column(Text, default="")
+    chunk_count: Mapped[int] = mapped_column(Integer, default=0)
+    principals: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    indexed_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class QuarantineRow(Base):
+    __tablename__ = "quarantine"
+    source: Mapped[str] = mapped_column(String(200), primary_key=True)
+    doc_id: Mapped[str] = mapped_column(String(1000), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(50))
+    reason: Mapped[str] = mapped_column(Text)
+    version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    first_seen: Mapped[datetime] = mapped_column(DateTime)
+    last_seen: Mapped[datetime] = mapped_column(DateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class EmbeddingRow(Base):
+    __tablename__ = "embedding_cache"
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    text_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+@dataclass(frozen=True)
+class KnownDocument:
+    """What the index holds of a document: enough to tell whether it changed."""
+
+    doc_id: str
+    version: str
+    fingerprint: str | None
+    chunk_count: int
+    principals: list[str]
+
+
+@dataclass(frozen=True)
+class QuarantinedDocument:
+    source: str
+    doc_id: str
+    stage: str
+    reason: str
+    first_seen: datetime
+    last_seen: datetime
+    attempts: int
+
+
+class SourceBusy(Exception):
+    """Another run holds this source's sync lock."""
+
+    def __init__(self, source: str, owner: str) -> None:
+        super().__init__(f"source {source!r} is already being synced by {owner}")
+        self.owner = owner
+
+
+def migrate(url: str) -> None:
+    """Bring the database to the newest Alembic revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, "head")
+
+
+@lru_cache(maxsize=8)
+def _engine(url: str) -> Engine:
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    migrate(url)
+    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+    return engine
+
+
+def _this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_is_dead(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    return not Path(f"/proc/{pid}").exists()
+
+
+class StateStore:
+    """Headwater's bookkeeping, in SQLite by default or PostgreSQL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = _engine(url)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine) as session, session.begin():
+            yield session
+
+    # -- sources, locks and cursors ---------------------------------------------------------
+
+    def ensure_source(self, name: str, type_: str) -> None:
+        with self.session() as s:
+            if s.get(SourceRow, name) is None:
+                s.add(SourceRow(name=name, type=type_))
+
+    def acquire_lock(self, source: str, ttl: timedelta = timedelta(minutes=30)) -> str:
+        """Take the source's sync lock, or raise SourceBusy naming the run that holds it."""
+        owner = _this_process() + ":" + uuid.uuid4().hex[:8]
+        now = utcnow()
+        with self.session() as s:
+            row = s.get(SourceRow, source)
+            held = row.lock_owner if row else None
+            if held and row.lock_expires and row.lock_expires > now:
+                holder = held.rsplit(":", 1)[0]
+                if not _owner_is_dead(holder):
+                    raise SourceBusy(source, held)
+            # A conditional update makes two racing takers see one winner.
+            taken = s.execute(
+                update(SourceRow)
+                .where(SourceRow.name == source, SourceRow.lock_owner.is_(held))
+                .values(lock_owner=owner, lock_expires=now + ttl)
+            ).rowcount
+        if taken != 1:
+            raise SourceBusy(source, "another run")
+        return owner
+
+    def renew_lock(self, source: str, owner: str,
+                   ttl: timedelta = timedelta(minutes=30)) -> None:
+        with self.session() as s:
+            s.execute(update(SourceRow).where(SourceRow.name == source,
+                                              SourceRow.lock_owner == owner)
+                      .values(lock_expires=utcnow() + ttl))
+
+    def release_lock(self, source: str, owner: str) -> None:
+        with self.session() as s:
+            s.execute(update(SourceRow).where(SourceRow.name == source,
+                                              SourceRow.lock_owner == owner)
+                      .values(lock_owner=None, lock_expires=None))
+
+    def cursor(self, source: str) -> dict | None:
+        with self.session() as s:
+            row = s.get(SourceRow, source)
+            return row.cursor if row else None
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def start_run(self, source: str, flow_run_id: str | None) -> str:
+        run_id = str(uuid.uuid4())
+        with self.session() as s:
+            s.add(SyncRunRow(id=run_id, source=source, flow_run_id=flow_run_id,
+                             started_at=utcnow(), status="running"))
+        return run_id
+
+    def finish_run(self, run_id: str, status: str, summary: dict) -> None:
+        with self.session() as s:
+            run = s.get(SyncRunRow, run_id)
+            run.status, run.summary, run.finished_at = status, summary, utcnow()
+            if status == "completed":
+                s.get(SourceRow, run.source).last_success_at = run.finished_at
+
+    # -- documents ---------------------------------------------------------------------------
+
+    def known_documents(self, source: str) -> dict[str, KnownDocument]:
+        with self.session() as s:
+            rows = s.execute(select(DocumentRow).where(DocumentRow.source == source)).scalars()
+            return {
+                r.doc_id: KnownDocument(r.doc_id, r.version, r.fingerprint, r.chunk_count,
+                                        list(r.principals or []))
+                for r in rows
+            }
+
+    def document_count(self, source: str) -> int:
+        with self.session() as s:
+            return s.scalar(select(func.count()).where(DocumentRow.source == source)) or 0
+
+    def commit_batch(
+        self,
+        source: str,
+        indexed: Iterable[tuple[str, str, str | None, str, int, list[str]]],
+        deleted: Iterable[str],
+        fingerprints: Iterable[tuple[str, str]] = (),
+        cursor: dict | None = None,
+    ) -> None:
+        """Record, in one transaction, what a batch wrote to the index, and the cursor after it.
+
+        `indexed` holds (doc_id, version, fingerprint, title, chunk_count, principals).
+        """
+        now = utcnow()
+        with self.session() as s:
+            for doc_id, version, fingerprint, title, chunks, principals in indexed:
+                s.merge(DocumentRow(source=source, doc_id=doc_id, version=version,
+                                    fingerprint=fingerprint, title=title, chunk_count=chunks,
+                                    principals=principals, indexed_at=now))
+                s.execute(delete(QuarantineRow).where(QuarantineRow.source == source,
+                                                      QuarantineRow.doc_id == doc_id))
+            gone = list(deleted)
+            for start in range(0, len(gone), 500):
+                part = gone[start : start + 500]
+                s.execute(delete(DocumentRow).where(DocumentRow.source == source,
+                                                    DocumentRow.doc_id.in_(part)))
+                s.execute(delete(QuarantineRow).where(QuarantineRow.source == source,
+                                                      QuarantineRow.doc_id.in_(part)))
+            for doc_id, fingerprint in fingerprints:
+                s.execute(update(DocumentRow)
+                          .where(DocumentRow.source == source, DocumentRow.doc_id == doc_id)
+                          .values(fingerprint=fingerprint))
+            if cursor is not None:
+                s.get(SourceRow, source).cursor = cursor
+
+    # -- quarantine --------------------------------------------------------------------------
+
+    def quarantine(self, source: str, doc_id: str, stage: str, reason: str,
+                   version: str | None) -> None:
+        now = utcnow()
+        with self.session() as s:
+            row = s.get(QuarantineRow, (source, doc_id))
+            if row is None:
+                s.add(QuarantineRow(source=source, doc_id=doc_id, stage=stage, reason=reason,
+                                    version=version, first_seen=now, last_seen=now, attempts=1))
+            else:
+                row.stage, row.reason, row.version, row.last_seen = stage, reason, version, now
+                row.attempts += 1
+
+    def quarantined(self, source: str | None = None) -> list[QuarantinedDocument]:
+        with self.session() as s:
+            query = select(QuarantineRow).order_by(QuarantineRow.source, QuarantineRow.doc_id)
+            if source:
+                query = query.where(QuarantineRow.source == source)
+            return [
+                QuarantinedDocument(r.source, r.doc_id, r.stage, r.reason, r.first_seen,
+                                    r.last_seen, r.attempts)
+                for r in s.execute(query).scalars()
+            ]
+
+    def clear_quarantine(self, source: str, doc_ids: Iterable[str]) -> None:
+        with self.session() as s:
+            s.execute(delete(QuarantineRow).where(QuarantineRow.source == source,
+                                                  QuarantineRow.doc_id.in_(list(doc_ids))))
+
+    # -- embedding cache ---------------------------------------------------------------------
+
+    def cached_vectors(self, model: str, hashes: list[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        with self.session() as s:
+            for start in range(0, len(hashes), 500):
+                part = hashes[start : start + 500]
+                rows = s.execute(select(EmbeddingRow.text_hash, EmbeddingRow.vector).where(
+                    EmbeddingRow.model == model, EmbeddingRow.text_hash.in_(part)))
+                found.update({h: v for h, v in rows})
+        return found
+
+    def store_vectors(self, model: str, vectors: dict[str, bytes]) -> None:
+        with self.session() as s:
+            for text_hash, vector in vectors.items():
+                s.merge(EmbeddingRow(model=model, text_hash=text_hash, vector=vector))
+
+
+def summary_json(summary: dict) -> str:
+    return json.dumps(summary, default=str, sort_keys=True)

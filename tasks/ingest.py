@@ -1,0 +1,321 @@
+"""The stages of a sync, one batch at a time: fetch, parse, chunk, embed, index, commit."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from weaviate.classes.query import Filter
+from weaviate.exceptions import WeaviateBaseError
+
+from connectors import open_connector
+from connectors.base import Change, ChangeKind, ChangePage, Connector
+from headwater.config import SourceConfig, source_config
+from headwater.errors import IndexWriteError, SourceError
+from headwater.records import Chunk, SourceDocument
+from headwater.settings import Settings
+from headwater.state import KnownDocument, StateStore
+from tasks import chunk as chunking
+from tasks.embed import embed_texts, load_model
+from tasks.index import connect_index, ensure_collection, upsert_chunks
+from tasks.parse import DocumentRejected, ParsedDocument, parse_document
+
+STAGES = ("list", "fetch", "parse", "chunk", "embed", "index", "commit")
+
+
+@dataclass
+class Rejection:
+    doc_id: str
+    stage: str
+    reason: str
+    version: str | None
+
+
+@dataclass
+class SyncContext:
+    """Everything a run's stages share: the source, its connector, state and index names."""
+
+    settings: Settings
+    source: SourceConfig
+    connector: Connector
+    store: StateStore
+    collection: str
+    run_id: str
+    lock_owner: str
+    known: dict[str, KnownDocument]
+    full: bool = False
+
+
+@dataclass
+class Batch:
+    """One page of changes as it moves through the stages."""
+
+    changes: list[Change]
+    cursor: dict | None = None
+    unchanged: int = 0
+    documents: list[SourceDocument] = field(default_factory=list)
+    parsed: list[ParsedDocument] = field(default_factory=list)
+    chunks: dict[str, list[Chunk]] = field(default_factory=dict)
+    vectors: Any = None
+    rejected: list[Rejection] = field(default_factory=list)
+    embedded: int = 0
+    chunks_written: int = 0
+    chunks_deleted: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def of_kind(self, *kinds: ChangeKind) -> list[Change]:
+        return [c for c in self.changes if c.kind in kinds]
+
+
+@dataclass
+class SyncSummary:
+    """What a run did, in the words of the artifact and the CLI."""
+
+    source: str
+    status: str = "running"
+    new: int = 0
+    changed: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    permissions: int = 0
+    quarantined: int = 0
+    chunks_written: int = 0
+    chunks_deleted: int = 0
+    embedded: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    message: str = ""
+
+    def add(self, batch: Batch) -> None:
+        rejected = {r.doc_id for r in batch.rejected}
+        for change in batch.changes:
+            if change.doc_id in rejected:
+                continue
+            if change.kind is ChangeKind.ADDED:
+                self.new += 1
+            elif change.kind is ChangeKind.MODIFIED:
+                self.changed += 1
+            elif change.kind is ChangeKind.DELETED:
+                self.deleted += 1
+            elif change.kind is ChangeKind.PERMISSIONS:
+                self.permissions += 1
+            else:
+                self.unchanged += 1
+        self.unchanged += batch.unchanged
+        self.quarantined += len(rejected)
+        self.chunks_written += batch.chunks_written
+        self.chunks_deleted += batch.chunks_deleted
+        self.embedded += batch.embedded
+        for stage, seconds in batch.seconds.items():
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in {
+            **self.__dict__, "seconds": {s: round(t, 3) for s, t in self.seconds.items()},
+        }.items()}
+
+
+@contextmanager
+def _timed(batch: Batch, stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        batch.seconds[stage] = batch.seconds.get(stage, 0.0) + time.perf_counter() - started
+
+
+# -- opening and closing a run ---------------------------------------------------------------
+
+
+def open_sync(settings: Settings, source: str, full: bool,
+              flow_run_id: str | None = None) -> SyncContext:
+    """Take the source's lock and record the run; raises SourceBusy if another run holds it."""
+    config = source_config(settings.config, source)
+    connector = open_connector(config)
+    store = StateStore(settings.resolved_state_db_url)
+    store.ensure_source(config.name, config.type)
+    owner = store.acquire_lock(config.name)
+    try:
+        check = connector.test_connection()
+        if not check.ok:
+            raise SourceError(f"source {source!r}: {check.message}")
+        with connect_index(settings) as client:
+            ensure_collection(client, settings.collection)
+        known = store.known_documents(config.name)
+        if full:
+            # A full sync re-reads everything but still finds deletions by difference.
+            known = {k: KnownDocument(k, "", None, d.chunk_count, d.principals)
+                     for k, d in known.items()}
+        run_id = store.start_run(config.name, flow_run_id)
+    except BaseException:
+        store.release_lock(config.name, owner)
+        raise
+    return SyncContext(settings, config, connector, store, settings.collection, run_id, owner,
+                       known, full)
+
+
+def list_pages(ctx: SyncContext) -> Iterator[Batch]:
+    """The source's changes, streamed page by page (never the whole listing in memory)."""
+    pages = ctx.connector.list_changes(None if ctx.full else ctx.store.cursor(ctx.source.name),
+                                       ctx.known)
+    while True:
+        started = time.perf_counter()
+        page: ChangePage | None = next(pages, None)
+        if page is None:
+            return
+        batch = Batch(page.changes, page.cursor, page.unchanged)
+        batch.seconds["list"] = time.perf_counter() - started
+        yield batch
+
+
+def close_sync(ctx: SyncContext, summary: SyncSummary, status: str, message: str = "") -> dict:
+    summary.status, summary.message = status, message
+    result = summary.as_dict()
+    ctx.store.finish_run(ctx.run_id, status, result)
+    ctx.store.release_lock(ctx.source.name, ctx.lock_owner)
+    return result
+
+
+# -- the stages --------------------------------------------------------------------------------
+
+
+def fetch_documents(ctx: SyncContext, batch: Batch) -> Batch:
+    with _timed(batch, "fetch"):
+        for change in batch.of_kind(ChangeKind.ADDED, ChangeKind.MODIFIED):
+            try:
+                batch.documents.append(ctx.connector.fetch(change))
+            except DocumentRejected as rejected:
+                batch.rejected.append(Rejection(change.doc_id, rejected.stage, rejected.reason,
+                                                change.version))
+    return batch
+
+
+def parse_documents(ctx: SyncContext, batch: Batch) -> Batch:
+    with _timed(batch, "parse"):
+        for document in batch.documents:
+            try:
+                batch.parsed.append(parse_document(document))
+            except DocumentRejected as rejected:
+                batch.rejected.append(Rejection(document.doc_id, rejected.stage, rejected.reason,
+                                                document.version))
+        # Bytes are not needed past this point; let them go before embedding.
+        batch.documents = []
+    return batch
+
+
+def chunk_documents(ctx: SyncContext, batch: Batch) -> Batch:
+    with _timed(batch, "chunk"):
+        model = load_model(ctx.settings.embedding_model)
+        batch.chunks = chunking.chunk_documents(batch.parsed, model.tokenizer,
+                                                ctx.settings.chunk_tokens,
+                                                ctx.settings.chunk_overlap)
+    return batch
+
+
+def embed_chunks(ctx: SyncContext, batch: Batch) -> Batch:
+    with _timed(batch, "embed"):
+        texts = [c.text for chunks in batch.chunks.values() for c in chunks]
+        result = embed_texts(load_model(ctx.settings.embedding_model),
+                             ctx.settings.embedding_model, texts, ctx.store,
+                             ctx.settings.embedding_batch_size)
+        batch.vectors, batch.embedded = result.vectors, result.embedded
+    return batch
+
+
+def _surplus_filter(ctx: SyncContext, batch: Batch) -> Filter | None:
+    """Chunks left over from a longer earlier version of each rewritten document."""
+    parts = [
+        Filter.by_property("doc_id").equal(doc_id)
+        & Filter.by_property("ordinal").greater_or_equal(len(chunks))
+        for doc_id, chunks in batch.chunks.items()
+        if doc_id not in ctx.known or ctx.known[doc_id].chunk_count > len(chunks)
+    ]
+    if not parts:
+        return None
+    return Filter.by_property("source").equal(ctx.source.name) & Filter.any_of(parts)
+
+
+def index_chunks(ctx: SyncContext, batch: Batch) -> Batch:
+    """Write new versions first, then remove what they replace: a failure never leaves a
+    document half-gone."""
+    with _timed(batch, "index"), connect_index(ctx.settings) as client:
+        chunks = [c for doc_chunks in batch.chunks.values() for c in doc_chunks]
+        if chunks:
+            report = upsert_chunks(client, ctx.collection, chunks, batch.vectors)
+            batch.chunks_written += report.written
+        collection = client.collections.use(ctx.collection)
+        deleted = [c.doc_id for c in batch.of_kind(ChangeKind.DELETED)]
+        filters = [f for f in (
+            _surplus_filter(ctx, batch),
+            Filter.by_property("source").equal(ctx.source.name)
+            & Filter.by_property("doc_id").contains_any(deleted) if deleted else None,
+        ) if f is not None]
+        for where in filters:
+            try:
+                result = collection.data.delete_many(where=where)
+            except WeaviateBaseError as error:
+                raise IndexWriteError("Weaviate did not accept a deletion", repr(error)) from error
+            if result.failed:
+                raise IndexWriteError(f"{result.failed} chunks could not be deleted", repr(result))
+            batch.chunks_deleted += result.successful
+        for change in batch.of_kind(ChangeKind.PERMISSIONS):
+            known = ctx.known.get(change.doc_id)
+            for ordinal in range(known.chunk_count if known else 0):
+                # Readers changed, content did not: update the property, keep the vector.
+                probe = Chunk(source=ctx.source.name, doc_id=change.doc_id, ordinal=ordinal,
+                              text="")
+                try:
+                    collection.data.update(uuid=probe.uuid,
+                                           properties={"principals": list(change.principals)})
+                except WeaviateBaseError as error:
+                    raise IndexWriteError(
+                        f"Could not update readers of {change.doc_id}", repr(error)
+                    ) from error
+    return batch
+
+
+def commit_batch(ctx: SyncContext, batch: Batch) -> Batch:
+    """Record what the batch indexed, quarantine what it rejected, then advance the cursor."""
+    with _timed(batch, "commit"):
+        rejected = {r.doc_id for r in batch.rejected}
+        by_id = {c.doc_id: c for c in batch.changes}
+        indexed = []
+        for parsed in batch.parsed:
+            doc = parsed.document
+            change = by_id[doc.doc_id]
+            indexed.append((doc.doc_id, doc.version, change.fingerprint, doc.title,
+                            len(batch.chunks.get(doc.doc_id, [])), doc.principals))
+        for change in batch.of_kind(ChangeKind.PERMISSIONS):
+            known = ctx.known.get(change.doc_id)
+            if known:
+                indexed.append((change.doc_id, known.version, change.fingerprint, "",
+                                known.chunk_count, list(change.principals)))
+        ctx.store.commit_batch(
+            ctx.source.name,
+            indexed=[i for i in indexed if i[0] not in rejected],
+            deleted=[c.doc_id for c in batch.of_kind(ChangeKind.DELETED)],
+            fingerprints=[(c.doc_id, c.fingerprint or "")
+                          for c in batch.of_kind(ChangeKind.TOUCHED)],
+            cursor=batch.cursor,
+        )
+        for r in batch.rejected:
+            ctx.store.quarantine(ctx.source.name, r.doc_id, r.stage, r.reason, r.version)
+        ctx.store.renew_lock(ctx.source.name, ctx.lock_owner)
+        batch.parsed, batch.chunks, batch.vectors = [], {}, np.zeros((0, 0))
+    return batch
+
+
+def summary_markdown(summary: dict) -> str:
+    counts = ["new", "changed", "deleted", "unchanged", "permissions", "quarantined",
+              "chunks_written", "chunks_deleted", "embedded"]
+    lines = [f"# Sync of `{summary['source']}`: {summary['status']}", "",
+             "| documents | count |", "| --- | ---: |"]
+    lines += [f"| {name.replace('_', ' ')} | {summary[name]} |" for name in counts]
+    lines += ["", "| stage | seconds |", "| --- | ---: |"]
+    lines += [f"| {stage} | {seconds:.3f} |" for stage, seconds in summary["seconds"].items()]
+    if summary.get("message"):
+        lines += ["", summary["message"]]
+    return "\n".join(lines)

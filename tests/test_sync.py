@@ -1,0 +1,258 @@
+"""`sync_source` against the real Weaviate and Prefect servers: the index equals the folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from weaviate.classes.query import Filter, MetadataQuery
+
+from flows.sync import sync_source
+from headwater.settings import get_settings
+from headwater.state import StateStore
+
+HEADWATER = str(Path(sys.executable).parent / "headwater")
+
+
+class FolderSource:
+    """A folder, its sources file, a state DB and a collection, all of one test's own."""
+
+    def __init__(self, root: Path, collection: str, client, monkeypatch: pytest.MonkeyPatch,
+                 batch_size: int = 32) -> None:
+        self.docs = root / "docs"
+        self.docs.mkdir()
+        self.collection = collection
+        self.client = client
+        self.config = root / "headwater.yaml"
+        self.config.write_text(yaml.safe_dump({"sources": [{
+            "name": "handbook", "type": "folder", "batch_size": batch_size,
+            "max_bytes": 10_000_000, "params": {"root": "docs"},
+            "principals": {"": ["group:staff"], "hr/": ["group:hr"]},
+        }]}))
+        self.env = {
+            "HEADWATER_CONFIG": str(self.config),
+            "HEADWATER_STATE_DB_URL": f"sqlite:///{root / 'state.db'}",
+            "HEADWATER_COLLECTION": collection,
+        }
+        for key, value in self.env.items():
+            monkeypatch.setenv(key, value)
+        get_settings.cache_clear()
+        self.store = StateStore(self.env["HEADWATER_STATE_DB_URL"])
+
+    def write(self, rel: str, content: str | bytes) -> Path:
+        path = self.docs / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            path.write_text(content)
+        else:
+            path.write_bytes(content)
+        return path
+
+    def sync(self, full: bool = False) -> dict:
+        state = sync_source("handbook", full, return_state=True)
+        assert state.is_completed(), state
+        return state.result()
+
+    def index(self) -> dict[str, list[str]]:
+        """doc id -> chunk texts in ordinal order, as Weaviate holds them."""
+        found: dict[str, list[tuple[int, str]]] = {}
+        for obj in self.client.collections.use(self.collection).iterator():
+            p = obj.properties
+            found.setdefault(p["doc_id"], []).append((p["ordinal"], p["text"]))
+        return {doc: [t for _, t in sorted(chunks)] for doc, chunks in found.items()}
+
+    def update_times(self) -> dict[str, object]:
+        result = self.client.collections.use(self.collection).query.fetch_objects(
+            limit=1000, return_metadata=MetadataQuery(last_update_time=True))
+        return {str(o.uuid): o.metadata.last_update_time for o in result.objects}
+
+
+@pytest.fixture
+def folder(tmp_path, collection, weaviate_client, monkeypatch) -> FolderSource:
+    source = FolderSource(tmp_path, collection, weaviate_client, monkeypatch)
+    yield source
+    get_settings.cache_clear()
+
+
+def _corpus(folder: FolderSource) -> None:
+    folder.write("leave.md", "# Leave\n\nAnnual leave is 25 days a year.\n\n## Sick leave\n\n"
+                             "Tell your manager before 9am on the first day.\n")
+    folder.write("vpn.txt", "Connect to the VPN with the corporate client before opening "
+                            "internal sites.\n")
+    folder.write("hr/salaries.csv", "role,band\nengineer,B3\nmanager,B4\n")
+    folder.write("about.html", "<html><head><title>About us</title></head><body><nav>menu"
+                               "</nav><h1>About</h1><p>We build water pumps.</p></body></html>")
+
+
+def test_first_sync_indexes_every_document_once(folder: FolderSource) -> None:
+    _corpus(folder)
+    summary = folder.sync()
+    assert summary["new"] == 4 and summary["quarantined"] == 0
+    index = folder.index()
+    assert sorted(index) == ["about.html", "hr/salaries.csv", "leave.md", "vpn.txt"]
+    assert any("25 days" in t for t in index["leave.md"])
+    assert "menu" not in " ".join(index["about.html"])  # boilerplate dropped
+    hr = folder.client.collections.use(folder.collection).query.fetch_objects(
+        filters=Filter.by_property("doc_id").equal("hr/salaries.csv"))
+    assert hr.objects[0].properties["principals"] == ["group:hr"]
+
+
+def test_index_matches_the_folder_after_add_modify_rename_delete(folder: FolderSource) -> None:
+    _corpus(folder)
+    folder.sync()
+    folder.write("leave.md", "# Leave\n\nAnnual leave is 30 days a year.\n")
+    folder.write("new.txt", "A brand new onboarding checklist.\n")
+    (folder.docs / "vpn.txt").rename(folder.docs / "network-vpn.txt")
+    (folder.docs / "about.html").unlink()
+
+    summary = folder.sync()
+    assert (summary["new"], summary["changed"], summary["deleted"]) == (2, 1, 2)
+    index = folder.index()
+    assert sorted(index) == ["hr/salaries.csv", "leave.md", "network-vpn.txt", "new.txt"]
+    assert index["leave.md"] == ["Leave\n\nAnnual leave is 30 days a year."]
+    assert not any("25 days" in t for texts in index.values() for t in texts)
+    assert folder.store.document_count("handbook") == 4
+
+
+def test_a_shrunken_document_keeps_no_stale_chunks(folder: FolderSource) -> None:
+    long_text = "\n\n".join(f"Paragraph {i}. " + "The pump needs service. " * 40
+                            for i in range(8))
+    folder.write("manual.txt", long_text)
+    folder.sync()
+    assert len(folder.index()["manual.txt"]) > 3
+    folder.write("manual.txt", "Short now.")
+    folder.sync()
+    assert folder.index() == {"manual.txt": ["Short now."]}
+
+
+def test_a_second_sync_without_changes_embeds_and_writes_nothing(folder: FolderSource) -> None:
+    _corpus(folder)
+    folder.sync()
+    before = folder.update_times()
+    summary = folder.sync()
+    assert summary["unchanged"] == 4
+    assert (summary["embedded"], summary["chunks_written"], summary["chunks_deleted"]) == (0, 0, 0)
+    assert folder.update_times() == before
+
+
+def test_a_touched_file_is_not_embedded_again(folder: FolderSource) -> None:
+    _corpus(folder)
+    folder.sync()
+    path = folder.docs / "vpn.txt"
+    os.utime(path, (time.time() + 60, time.time() + 60))
+    summary = folder.sync()
+    assert summary["embedded"] == 0 and summary["chunks_written"] == 0
+    assert summary["changed"] == 0
+
+
+def test_a_full_sync_rereads_everything_but_reuses_embeddings(folder: FolderSource) -> None:
+    _corpus(folder)
+    folder.sync()
+    before = folder.index()
+    summary = folder.sync(full=True)
+    assert summary["changed"] == 4 and summary["embedded"] == 0
+    assert folder.index() == before
+
+
+def test_bad_files_are_quarantined_with_a_reason_while_the_rest_index(
+    folder: FolderSource,
+) -> None:
+    _corpus(folder)
+    folder.write("broken.pdf", b"%PDF-1.7\n1 0 obj << /Type /Catalog >>\ngarbage without xref")
+    folder.write("empty.txt", b"")
+    folder.write("blob.txt", bytes(range(256)) * 64)
+    with (folder.docs / "huge.txt").open("wb") as handle:
+        handle.truncate(200 * 1024 * 1024)  # sparse: 200 MB without writing them
+
+    summary = folder.sync()
+    assert summary["new"] == 4 and summary["quarantined"] == 4
+    assert sorted(folder.index()) == ["about.html", "hr/salaries.csv", "leave.md", "vpn.txt"]
+    reasons = {q.doc_id: q.reason for q in folder.store.quarantined("handbook")}
+    assert reasons["broken.pdf"].startswith("corrupt PDF")
+    assert reasons["empty.txt"] == "empty file (0 bytes)"
+    assert reasons["blob.txt"].startswith("binary content in a text file")
+    assert reasons["huge.txt"].startswith("file too large: 209.7 MB")
+
+    # The next run retries them; a repaired file leaves quarantine and is indexed.
+    folder.write("empty.txt", "Now it has words.")
+    summary = folder.sync()
+    assert summary["new"] == 1 and summary["quarantined"] == 3
+    attempts = {q.doc_id: q.attempts for q in folder.store.quarantined("handbook")}
+    assert attempts == {"blob.txt": 2, "broken.pdf": 2, "huge.txt": 2}
+    listing = subprocess.run([HEADWATER, "quarantine", "--source", "handbook"],
+                             capture_output=True, text=True, env={**os.environ, **folder.env})
+    assert "broken.pdf" in listing.stdout and "corrupt PDF" in listing.stdout
+
+
+def test_a_permission_change_reaches_the_index_without_reembedding(
+    folder: FolderSource,
+) -> None:
+    _corpus(folder)
+    folder.sync()
+    (folder.docs / "leave.md").rename(folder.docs / "hr" / "leave.md")
+    folder.sync()
+    readers = folder.client.collections.use(folder.collection).query.fetch_objects(
+        filters=Filter.by_property("doc_id").equal("hr/leave.md"))
+    assert {tuple(o.properties["principals"]) for o in readers.objects} == {("group:hr",)}
+
+
+def _start_cli_sync(folder: FolderSource) -> subprocess.Popen:
+    return subprocess.Popen([HEADWATER, "sync", "handbook"], env={**os.environ, **folder.env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _many_documents(folder: FolderSource, count: int) -> None:
+    for i in range(count):
+        folder.write(f"notes/meeting-{i:03}.md", f"# Meeting {i}\n\nWe agreed on item {i}. "
+                     + "Follow-up actions were assigned. " * 30)
+
+
+def test_a_run_killed_between_batches_resumes_to_the_exact_index(
+    tmp_path, collection, weaviate_client, monkeypatch
+) -> None:
+    folder = FolderSource(tmp_path, collection, weaviate_client, monkeypatch, batch_size=2)
+    _many_documents(folder, 40)
+    run = _start_cli_sync(folder)
+    deadline = time.monotonic() + 240
+    while folder.store.document_count("handbook") < 4:
+        assert run.poll() is None, run.stdout.read()
+        assert time.monotonic() < deadline, "the first run never committed a batch"
+        time.sleep(0.05)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    committed = folder.store.document_count("handbook")
+    assert 4 <= committed < 40
+
+    # Between the crash and the re-run, one indexed file goes and one unindexed file changes.
+    (folder.docs / "notes" / "meeting-000.md").unlink()
+    folder.write("notes/meeting-039.md", "# Meeting 39\n\nRescheduled.")
+    folder.sync()
+    index = folder.index()
+    assert sorted(index) == [f"notes/meeting-{i:03}.md" for i in range(1, 40)]
+    assert index["notes/meeting-039.md"] == ["Meeting 39\n\nRescheduled."]
+    assert sum(map(len, index.values())) == len(folder.update_times())  # no duplicates
+
+
+def test_two_concurrent_syncs_of_one_source_do_not_both_run(
+    tmp_path, collection, weaviate_client, monkeypatch
+) -> None:
+    folder = FolderSource(tmp_path, collection, weaviate_client, monkeypatch, batch_size=2)
+    _many_documents(folder, 30)
+    first = _start_cli_sync(folder)
+    deadline = time.monotonic() + 240
+    while folder.store.document_count("handbook") == 0:
+        assert first.poll() is None, first.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    second = sync_source("handbook", return_state=True)
+    assert second.is_cancelled()
+    assert "already being synced" in second.message
+    assert first.wait(timeout=240) == 0, first.stdout.read()
+    assert folder.store.document_count("handbook") == 30
