@@ -102,11 +102,11 @@ class FolderConnector:
         if stat.st_size > self.config.max_bytes:
             # Too big to read: versioned by size+mtime, rejected when fetched.
             version = f"stat:{fingerprint}"
-            if known and known.version == version:
-                return None
-            return Change(rel, ChangeKind.MODIFIED if known else ChangeKind.ADDED, version,
+            indexed = known is not None and not known.quarantined
+            return Change(rel, ChangeKind.MODIFIED if indexed else ChangeKind.ADDED, version,
                           fingerprint, principals)
-        if known is None:
+        if known is None or known.quarantined:
+            # Quarantined documents are retried on every run until they index.
             return Change(rel, ChangeKind.ADDED, _file_hash(path), fingerprint, principals)
         same_readers = sorted(known.principals) == list(principals)
         if known.fingerprint == fingerprint:

@@ -75,14 +75,11 @@ def build() -> None:
 
 @app.command()
 def demo() -> None:
-    """The main job: bring the stack up, show it, and prove a flow run round-trips the index."""
-    from flows.stack_check import stack_check
-
+    """The main job: bring the stack up and sync the demo corpus into the index."""
     up()
-    settings = get_settings()
-    result = stack_check()
-    typer.echo(f"stack-check flow: {result}")
-    typer.echo(f"Prefect UI: {settings.prefect_api_url.removesuffix('/api')}")
+    sync("demo", full=False)
+    typer.echo(f"\nPrefect UI (run history, artifacts): "
+               f"{get_settings().prefect_api_url.removesuffix('/api')}")
 
 
 @app.command()

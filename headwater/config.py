@@ -53,7 +53,8 @@ class SourceConfig(BaseModel):
     policy: list[str] = Field(default_factory=list)
     # Readers per path prefix; the longest matching prefix wins ("" matches everything).
     principals: dict[str, list[str]] = Field(default_factory=lambda: {"": []})
-    batch_size: int = Field(default=32, ge=1, le=1000)
+    # Documents per batch: big enough that per-task overhead and padding stay small.
+    batch_size: int = Field(default=128, ge=1, le=1000)
     max_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     base_dir: Path = Field(default=Path("."), exclude=True)
 

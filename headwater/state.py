@@ -101,6 +101,7 @@ class KnownDocument:
     fingerprint: str | None
     chunk_count: int
     principals: list[str]
+    quarantined: bool = False
 
 
 @dataclass(frozen=True)
@@ -230,13 +231,18 @@ class StateStore:
     # -- documents ---------------------------------------------------------------------------
 
     def known_documents(self, source: str) -> dict[str, KnownDocument]:
+        """Indexed documents, plus quarantined ones never indexed (so their deletion is seen)."""
         with self.session() as s:
             rows = s.execute(select(DocumentRow).where(DocumentRow.source == source)).scalars()
-            return {
+            known = {
                 r.doc_id: KnownDocument(r.doc_id, r.version, r.fingerprint, r.chunk_count,
                                         list(r.principals or []))
                 for r in rows
             }
+            held = s.execute(select(QuarantineRow.doc_id).where(QuarantineRow.source == source))
+            for (doc_id,) in held:
+                known.setdefault(doc_id, KnownDocument(doc_id, "", None, 0, [], quarantined=True))
+            return known
 
     def document_count(self, source: str) -> int:
         with self.session() as s:

@@ -44,9 +44,9 @@ def chunk_documents(
     jobs = [(p, s) for p in parsed for s in p.sections]
     texts = [p.text[s.start : s.end] for p, s in jobs]
     # One tokenizer call for the whole batch: the fast tokenizer works on the batch in Rust.
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)[
-        "offset_mapping"
-    ] if texts else []
+    # Sections longer than the model's window are expected here: they are cut below.
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                        verbose=False)["offset_mapping"] if texts else []
     result: dict[str, list[Chunk]] = {p.document.doc_id: [] for p in parsed}
     for (doc, section), text, offsets in zip(jobs, texts, encoded, strict=True):
         chunks = result[doc.document.doc_id]

@@ -11,6 +11,7 @@ from weaviate.classes.config import Configure, DataType, Property, Tokenization
 from weaviate.classes.data import DataObject
 from weaviate.classes.init import AdditionalConfig, Timeout
 from weaviate.classes.query import Filter
+from weaviate.collections.classes.filters import _Filters
 from weaviate.exceptions import WeaviateBaseError, WeaviateInsertManyAllFailedError
 
 from headwater.errors import IndexUnavailable, IndexWriteError
@@ -157,6 +158,22 @@ def upsert_chunks(
     )
 
 
+def delete_where(client: weaviate.WeaviateClient, name: str, where: _Filters) -> int:
+    """Delete every object matching a filter, however many (one call deletes a bounded number)."""
+    collection = client.collections.use(name)
+    deleted = 0
+    while True:
+        try:
+            result = collection.data.delete_many(where=where)
+        except WeaviateBaseError as error:
+            raise IndexWriteError("Weaviate did not accept a deletion", repr(error)) from error
+        if result.failed:
+            raise IndexWriteError(f"{result.failed} chunks could not be deleted", repr(result))
+        deleted += result.successful
+        if result.matches == 0 or result.successful == 0:
+            return deleted
+
+
 def delete_document_chunks(
     client: weaviate.WeaviateClient, name: str, source: str, doc_id: str, keep: int = 0
 ) -> int:
@@ -166,18 +183,7 @@ def delete_document_chunks(
         & Filter.by_property("doc_id").equal(doc_id)
         & Filter.by_property("ordinal").greater_or_equal(keep)
     )
-    try:
-        result = client.collections.use(name).data.delete_many(where=where)
-    except WeaviateBaseError as error:
-        raise IndexWriteError(
-            f"Could not delete chunks of {source}/{doc_id}", repr(error)
-        ) from error
-    if result.failed:
-        raise IndexWriteError(
-            f"{result.failed} chunks of {source}/{doc_id} could not be deleted",
-            repr(result),
-        )
-    return result.successful
+    return delete_where(client, name, where)
 
 
 def count_chunks(client: weaviate.WeaviateClient, name: str, source: str | None = None) -> int:

@@ -21,7 +21,7 @@ from headwater.settings import Settings
 from headwater.state import KnownDocument, StateStore
 from tasks import chunk as chunking
 from tasks.embed import embed_texts, load_model
-from tasks.index import connect_index, ensure_collection, upsert_chunks
+from tasks.index import connect_index, delete_where, ensure_collection, upsert_chunks
 from tasks.parse import DocumentRejected, ParsedDocument, parse_document
 
 STAGES = ("list", "fetch", "parse", "chunk", "embed", "index", "commit")
@@ -144,6 +144,7 @@ def open_sync(settings: Settings, source: str, full: bool,
             raise SourceError(f"source {source!r}: {check.message}")
         with connect_index(settings) as client:
             ensure_collection(client, settings.collection)
+        load_model(settings.embedding_model)  # once per process, before the clock of any stage
         known = store.known_documents(config.name)
         if full:
             # A full sync re-reads everything but still finds deletions by difference.
@@ -246,7 +247,6 @@ def index_chunks(ctx: SyncContext, batch: Batch) -> Batch:
         if chunks:
             report = upsert_chunks(client, ctx.collection, chunks, batch.vectors)
             batch.chunks_written += report.written
-        collection = client.collections.use(ctx.collection)
         deleted = [c.doc_id for c in batch.of_kind(ChangeKind.DELETED)]
         filters = [f for f in (
             _surplus_filter(ctx, batch),
@@ -254,13 +254,8 @@ def index_chunks(ctx: SyncContext, batch: Batch) -> Batch:
             & Filter.by_property("doc_id").contains_any(deleted) if deleted else None,
         ) if f is not None]
         for where in filters:
-            try:
-                result = collection.data.delete_many(where=where)
-            except WeaviateBaseError as error:
-                raise IndexWriteError("Weaviate did not accept a deletion", repr(error)) from error
-            if result.failed:
-                raise IndexWriteError(f"{result.failed} chunks could not be deleted", repr(result))
-            batch.chunks_deleted += result.successful
+            batch.chunks_deleted += delete_where(client, ctx.collection, where)
+        collection = client.collections.use(ctx.collection)
         for change in batch.of_kind(ChangeKind.PERMISSIONS):
             known = ctx.known.get(change.doc_id)
             for ordinal in range(known.chunk_count if known else 0):

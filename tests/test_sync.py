@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from weaviate.classes.query import Filter, MetadataQuery
 
 from flows.sync import sync_source
@@ -103,6 +106,23 @@ def test_first_sync_indexes_every_document_once(folder: FolderSource) -> None:
     assert hr.objects[0].properties["principals"] == ["group:hr"]
 
 
+def test_each_run_publishes_its_summary_as_a_prefect_artifact(folder: FolderSource) -> None:
+    _corpus(folder)
+    state = sync_source("handbook", return_state=True)
+
+    async def artifacts() -> list:
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+                )
+            )
+
+    (artifact,) = asyncio.run(artifacts())
+    assert artifact.key == "sync-handbook"
+    assert "| new | 4 |" in artifact.data and "| embed |" in artifact.data
+
+
 def test_index_matches_the_folder_after_add_modify_rename_delete(folder: FolderSource) -> None:
     _corpus(folder)
     folder.sync()
@@ -188,6 +208,12 @@ def test_bad_files_are_quarantined_with_a_reason_while_the_rest_index(
     listing = subprocess.run([HEADWATER, "quarantine", "--source", "handbook"],
                              capture_output=True, text=True, env={**os.environ, **folder.env})
     assert "broken.pdf" in listing.stdout and "corrupt PDF" in listing.stdout
+
+    # A rejected file that is deleted leaves quarantine too.
+    (folder.docs / "blob.txt").unlink()
+    folder.sync()
+    assert sorted(q.doc_id for q in folder.store.quarantined("handbook")) == [
+        "broken.pdf", "huge.txt"]
 
 
 def test_a_permission_change_reaches_the_index_without_reembedding(
