@@ -71,6 +71,8 @@ class DocumentRow(Base):
     chunk_count: Mapped[int] = mapped_column(Integer, default=0)
     principals: Mapped[list | None] = mapped_column(JSON, nullable=True)
     indexed_at: Mapped[datetime] = mapped_column(DateTime)
+    # "indexed", or "stale" while a newer version sits in quarantine (the old one is served).
+    status: Mapped[str] = mapped_column(String(20), default="indexed")
 
 
 class QuarantineRow(Base):
@@ -187,7 +189,7 @@ class StateStore:
             # A conditional update makes two racing takers see one winner.
             taken = s.execute(
                 update(SourceRow)
-                .where(SourceRow.name == source, SourceRow.lock_owner.is_(held))
+                .where(SourceRow.name == source, SourceRow.lock_owner.is_not_distinct_from(held))
                 .values(lock_owner=owner, lock_expires=now + ttl)
             ).rowcount
         if taken != 1:
@@ -248,6 +250,11 @@ class StateStore:
         with self.session() as s:
             return s.scalar(select(func.count()).where(DocumentRow.source == source)) or 0
 
+    def document_status(self, source: str, doc_id: str) -> str | None:
+        with self.session() as s:
+            row = s.get(DocumentRow, (source, doc_id))
+            return row.status if row else None
+
     def commit_batch(
         self,
         source: str,
@@ -265,7 +272,7 @@ class StateStore:
             for doc_id, version, fingerprint, title, chunks, principals in indexed:
                 s.merge(DocumentRow(source=source, doc_id=doc_id, version=version,
                                     fingerprint=fingerprint, title=title, chunk_count=chunks,
-                                    principals=principals, indexed_at=now))
+                                    principals=principals, indexed_at=now, status="indexed"))
                 s.execute(delete(QuarantineRow).where(QuarantineRow.source == source,
                                                       QuarantineRow.doc_id == doc_id))
             gone = list(deleted)
@@ -295,6 +302,9 @@ class StateStore:
             else:
                 row.stage, row.reason, row.version, row.last_seen = stage, reason, version, now
                 row.attempts += 1
+            s.execute(update(DocumentRow)
+                      .where(DocumentRow.source == source, DocumentRow.doc_id == doc_id)
+                      .values(status="stale"))
 
     def quarantined(self, source: str | None = None) -> list[QuarantinedDocument]:
         with self.session() as s:

@@ -97,3 +97,47 @@ def collection(weaviate_client, request: pytest.FixtureRequest) -> Iterator[str]
     name = f"Test{stem}{uuid.uuid4().hex[:8]}"
     yield name
     weaviate_client.collections.delete(name)
+
+
+def _postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        pytest.fail("PostgreSQL is not installed: run deployments/local/install.sh "
+                    "(it installs Debian's postgresql package)", pytrace=False)
+    return found[-1].parent
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server of this test session's own, on a free loopback port."""
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    bindir = _postgres_bin()
+    data = Path(tempfile.mkdtemp(prefix="headwater-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        # PostgreSQL refuses to run as root; Debian's package provides the postgres user.
+        account = pwd.getpwnam("postgres")
+        os.chown(data, account.pw_uid, account.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+
+    def run(*argv: str) -> None:
+        result = subprocess.run([*as_user, *argv], capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            log = (data / "server.log").read_text() if (data / "server.log").exists() else ""
+            pytest.fail(f"PostgreSQL: {' '.join(argv)} failed:\n{result.stderr}\n{log}",
+                        pytrace=False)
+
+    run(str(bindir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres",
+        "--no-sync")
+    run(str(bindir / "pg_ctl"), "-D", str(data / "db"), "-l", str(data / "server.log"), "-w",
+        "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        run(str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "-w", "stop")
+        shutil.rmtree(data, ignore_errors=True)

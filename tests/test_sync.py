@@ -27,7 +27,7 @@ class FolderSource:
     """A folder, its sources file, a state DB and a collection, all of one test's own."""
 
     def __init__(self, root: Path, collection: str, client, monkeypatch: pytest.MonkeyPatch,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, state_db_url: str | None = None) -> None:
         self.docs = root / "docs"
         self.docs.mkdir()
         self.collection = collection
@@ -40,7 +40,7 @@ class FolderSource:
         }]}))
         self.env = {
             "HEADWATER_CONFIG": str(self.config),
-            "HEADWATER_STATE_DB_URL": f"sqlite:///{root / 'state.db'}",
+            "HEADWATER_STATE_DB_URL": state_db_url or f"sqlite:///{root / 'state.db'}",
             "HEADWATER_COLLECTION": collection,
         }
         for key, value in self.env.items():
@@ -282,3 +282,17 @@ def test_two_concurrent_syncs_of_one_source_do_not_both_run(
     assert "already being synced" in second.message
     assert first.wait(timeout=240) == 0, first.stdout.read()
     assert folder.store.document_count("handbook") == 30
+
+
+def test_a_postgresql_state_store_gives_the_same_index(
+    tmp_path, collection, weaviate_client, monkeypatch, postgres_url
+) -> None:
+    folder = FolderSource(tmp_path, collection, weaviate_client, monkeypatch,
+                          state_db_url=postgres_url)
+    _corpus(folder)
+    assert folder.sync()["new"] == 4
+    (folder.docs / "vpn.txt").unlink()
+    folder.write("leave.md", "# Leave\n\nAnnual leave is 30 days a year.\n")
+    summary = folder.sync()
+    assert (summary["changed"], summary["deleted"], summary["embedded"]) == (1, 1, 1)
+    assert sorted(folder.index()) == ["about.html", "hr/salaries.csv", "leave.md"]

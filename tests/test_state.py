@@ -1,0 +1,85 @@
+"""The state store on SQLite and on a real PostgreSQL server: same behaviour on both."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from headwater.state import SourceBusy, StateStore
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> StateStore:
+    if request.param == "sqlite":
+        return StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    # Each test gets a database of its own on the session's PostgreSQL server.
+    server = request.getfixturevalue("postgres_url")
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(server, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return StateStore(server.rsplit("/", 1)[0] + f"/{name}")
+
+
+def test_migrations_bring_a_new_database_to_the_newest_schema(store: StateStore) -> None:
+    with store.engine.connect() as connection:
+        version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    assert version == "0002"
+
+
+def test_only_one_run_holds_a_source_lock(store: StateStore) -> None:
+    store.ensure_source("wiki", "confluence")
+    owner = store.acquire_lock("wiki")
+    with pytest.raises(SourceBusy):
+        store.acquire_lock("wiki")
+    store.release_lock("wiki", owner)
+    store.release_lock("wiki", store.acquire_lock("wiki"))
+
+
+def test_a_lock_held_by_a_dead_process_is_taken_over(store: StateStore) -> None:
+    store.ensure_source("wiki", "confluence")
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # its PID now names no process
+    with store.session() as s:
+        s.execute(text("UPDATE sources SET lock_owner = :o, lock_expires = :e WHERE name='wiki'"),
+                  {"o": f"{socket.gethostname()}:{finished.pid}:abcd",
+                   "e": datetime(2999, 1, 1)})
+    assert store.acquire_lock("wiki")
+
+
+def test_a_batch_commit_records_documents_deletions_and_the_cursor(store: StateStore) -> None:
+    store.ensure_source("s3", "s3")
+    store.commit_batch("s3", indexed=[("a", "v1", "1:1", "A", 2, ["group:x"]),
+                                      ("b", "v1", "1:2", "B", 1, ["public"])],
+                       deleted=[], cursor={"after": "b"})
+    store.commit_batch("s3", indexed=[], deleted=["a"], cursor={"after": "z"})
+    known = store.known_documents("s3")
+    assert sorted(known) == ["b"] and known["b"].principals == ["public"]
+    assert store.cursor("s3") == {"after": "z"}
+
+
+def test_quarantine_counts_attempts_and_marks_the_served_version_stale(
+    store: StateStore,
+) -> None:
+    store.ensure_source("s3", "s3")
+    store.commit_batch("s3", indexed=[("a", "v1", None, "A", 1, [])], deleted=[])
+    store.quarantine("s3", "a", "parse", "corrupt PDF", "v2")
+    store.quarantine("s3", "a", "parse", "corrupt PDF", "v2")
+    (entry,) = store.quarantined("s3")
+    assert (entry.doc_id, entry.attempts, entry.reason) == ("a", 2, "corrupt PDF")
+    assert store.document_status("s3", "a") == "stale"
+    store.commit_batch("s3", indexed=[("a", "v3", None, "A", 1, [])], deleted=[])
+    assert store.quarantined("s3") == [] and store.document_status("s3", "a") == "indexed"
+
+
+def test_embeddings_are_cached_by_model_and_text_hash(store: StateStore) -> None:
+    store.store_vectors("m1", {"h1": b"\x00\x01", "h2": b"\x02"})
+    assert store.cached_vectors("m1", ["h1", "h3"]) == {"h1": b"\x00\x01"}
+    assert store.cached_vectors("m2", ["h1"]) == {}
