@@ -41,10 +41,13 @@ def test_a_deployment_runs_on_the_local_worker(local_stack, settings, collection
         parameters={"collection": collection},
         print_next_steps=False,
     )
-    run = run_deployment(deployment_id, timeout=180)
-    assert run.state.is_completed(), run.state
-    async def _result():
-        async with get_client() as client:
-            return await client.read_flow_run(run.id)
-    finished = asyncio.run(_result())
-    assert finished.state.is_completed()
+    try:
+        run = run_deployment(deployment_id, timeout=180)
+        assert run.state.is_completed(), run.state
+    finally:
+        asyncio.run(_delete_deployment(deployment_id))
+
+
+async def _delete_deployment(deployment_id: uuid.UUID) -> None:
+    async with get_client() as client:
+        await client.delete_deployment(deployment_id)
