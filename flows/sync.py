@@ -5,8 +5,10 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
+from prefect.utilities.annotations import opaque
 
 from headwater.errors import retry_transient
 from headwater.settings import get_settings
@@ -40,17 +42,21 @@ def sync_source(source: str, full: bool = False) -> dict | State:
         ctx = open_sync(get_settings(), source, full, flow_run.id)
     except SourceBusy as busy:
         return Cancelled(message=str(busy))
-    summary = ingest.SyncSummary(source)
+    summary, writing = ingest.SyncSummary(source), None
     try:
         for batch in ingest.list_pages(ctx):
-            if not batch.changes:
-                summary.add(batch)
-                continue
-            batch = fetch_documents(ctx, batch)
-            batch = parse_documents(ctx, batch)
-            batch = embed_chunks(ctx, chunk_documents(ctx, batch))
-            summary.add(commit_batch(ctx, index_chunks(ctx, batch)))
+            for stage in (fetch_documents, parse_documents, chunk_documents, embed_chunks):
+                batch = stage(opaque(ctx), opaque(batch)) if batch.changes else batch
+            # Batch N is indexed and committed while batch N+1 is prepared; commits stay in order.
+            if writing:
+                summary.add(writing.result())
+            written = index_chunks.submit(opaque(ctx), opaque(batch))
+            writing = commit_batch.submit(opaque(ctx), opaque(written))
+        if writing:
+            summary.add(writing.result())
     except BaseException as error:
+        if writing:
+            wait([writing])  # never release the lock under a write still in flight
         ingest.close_sync(ctx, summary, "failed", f"{type(error).__name__}: {error}")
         raise
     return publish_summary(ingest.close_sync(ctx, summary, "completed"))

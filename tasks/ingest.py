@@ -242,6 +242,8 @@ def _surplus_filter(ctx: SyncContext, batch: Batch) -> Filter | None:
 def index_chunks(ctx: SyncContext, batch: Batch) -> Batch:
     """Write new versions first, then remove what they replace: a failure never leaves a
     document half-gone."""
+    if not (batch.chunks or batch.of_kind(ChangeKind.DELETED, ChangeKind.PERMISSIONS)):
+        return batch
     with _timed(batch, "index"), connect_index(ctx.settings) as client:
         chunks = [c for doc_chunks in batch.chunks.values() for c in doc_chunks]
         if chunks:
