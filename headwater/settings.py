@@ -6,7 +6,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -14,6 +14,18 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def _user_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "headwater"
+
+
+class LLMEndpoint(BaseModel):
+    """One OpenAI-compatible chat endpoint; endpoints are tried in the order given."""
+
+    name: str
+    base_url: str = Field(description="Up to and including /v1, e.g. http://127.0.0.1:8000/v1")
+    model: str
+    api_key_env: str | None = Field(
+        default=None, description="Environment variable holding the API key (never the key)."
+    )
+    timeout_s: float = Field(default=20.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -79,6 +91,21 @@ class Settings(BaseSettings):
         default=200, le=254, description="Most tokens in a chunk (the model reads 256 at most)."
     )
     chunk_overlap: int = Field(default=32, description="Tokens shared by neighbouring chunks.")
+    llm_endpoints: list[LLMEndpoint] = Field(
+        default_factory=list,
+        description="OpenAI-compatible chat endpoints as JSON, in priority order; none means "
+        "extractive answers.",
+    )
+    llm_deadline_s: float = Field(
+        default=30.0, description="One deadline for generation across every endpoint and retry."
+    )
+    llm_retries: int = Field(default=1, description="Retries per endpoint after a failure.")
+    llm_breaker_failures: int = Field(
+        default=3, description="Failures in a row after which an endpoint is skipped for a while."
+    )
+    llm_breaker_reset_s: float = Field(
+        default=60.0, description="How long a tripped endpoint is skipped before a new try."
+    )
     spacy_model: str = Field(default="en_core_web_sm", description="spaCy model for Presidio.")
     startup_timeout_s: float = Field(
         default=180.0, description="How long `headwater up` waits for each server to be ready."
@@ -116,6 +143,8 @@ def settings_table() -> str:
         default = field.get_default(call_default_factory=False)
         if field.default_factory is _user_cache_dir:
             shown = "`$XDG_CACHE_HOME/headwater` (or `~/.cache/headwater`)"
+        elif field.default_factory is not None:
+            shown = f"`{field.default_factory()}`"
         elif isinstance(default, Path) and default.is_relative_to(PROJECT_ROOT):
             shown = f"`<project>/{default.relative_to(PROJECT_ROOT)}`"
         elif default is None:
