@@ -119,6 +119,53 @@ def quarantine(source: str | None = typer.Option(None, help="Only this source.")
 
 
 @app.command()
+def api() -> None:
+    """Serve the HTTP API (POST /v1/query, /healthz, /readyz, /metrics, /docs)."""
+    import uvicorn
+
+    from headwater.api import create_app
+
+    settings = get_settings()
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port)
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="What you want to know."),
+    as_user: str | None = typer.Option(None, "--as", help="Ask as this user id."),
+    groups: str = typer.Option("", help="Comma-separated groups of that user."),
+    top_k: int = typer.Option(5, help="Documents to cite at most."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full response as JSON."),
+) -> None:
+    """Answer a question from the documents the given user may read (public only by default)."""
+    from headwater.records import Caller, QueryRequest
+    from headwater.state import StateStore
+    from tasks.answer import answer_question, generator_for, record_query
+    from tasks.embed import load_model
+    from tasks.index import connect_index
+
+    settings = get_settings()
+    caller = Caller(user_id=as_user, groups=[g for g in groups.split(",") if g])
+    request = QueryRequest(question=question, top_k=top_k)
+    try:
+        with connect_index(settings) as client:
+            response, trace = answer_question(settings, request, caller, client,
+                                              load_model(settings.embedding_model),
+                                              generator_for(settings))
+    except HeadwaterError as error:
+        _fail(error)
+    record_query(StateStore(settings.resolved_state_db_url), caller, request, response, trace,
+                 channel="cli")
+    if as_json:
+        typer.echo(response.model_dump_json(indent=2))
+        return
+    typer.echo(response.answer + "\n")
+    for source in response.sources:
+        typer.echo(f"[{source.n}] {source.title} ({source.source}: {source.doc_id})")
+    typer.echo(f"\nanswered by {response.answered_by} in {response.processing_time_ms:.0f} ms")
+
+
+@app.command()
 def config(markdown: bool = typer.Option(False, help="Print the README's table.")) -> None:
     """Show the settings in effect (or, with --markdown, the table of every setting)."""
     if markdown:

@@ -62,3 +62,69 @@ class Chunk(BaseModel):
     @property
     def text_hash(self) -> str:
         return content_hash(self.text)
+
+
+class Caller(BaseModel):
+    """Who is asking: a user id and groups from a verified token, or nobody (public only)."""
+
+    user_id: str | None = None
+    groups: list[str] = Field(default_factory=list)
+    roles: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def from_principals(cls, principals: list[str]) -> Caller:
+        """A caller from 'user:<id>' and 'group:<id>' strings (as a deployment is given)."""
+        users = [p.removeprefix("user:") for p in principals if p.startswith("user:")]
+        if len(users) > 1:
+            raise ValueError("at most one 'user:' principal")
+        groups = [p.removeprefix("group:") for p in principals if p.startswith("group:")]
+        unknown = [p for p in principals if p != PUBLIC and not p.startswith(("user:", "group:"))]
+        if unknown:
+            raise ValueError(f"principals must be 'user:<id>' or 'group:<id>', not {unknown}")
+        return cls(user_id=users[0] if users else None, groups=groups)
+
+    @property
+    def principals(self) -> list[str]:
+        found = [PUBLIC]
+        if self.user_id:
+            found.append(f"user:{self.user_id}")
+        found += [f"group:{g}" for g in self.groups]
+        return found
+
+
+class QueryFilters(BaseModel):
+    sources: list[str] | None = None
+    modified_after: datetime | None = None
+    modified_before: datetime | None = None
+
+
+class QueryRequest(BaseModel):
+    """A question and how to search for its answer."""
+
+    question: str = Field(min_length=1, max_length=2000)
+    top_k: int = Field(default=5, ge=1, le=50, description="Documents to cite at most.")
+    filters: QueryFilters = Field(default_factory=QueryFilters)
+    alpha: float | None = Field(default=None, ge=0, le=1,
+                                description="0 is keyword only, 1 is vector only.")
+    max_chunks_per_doc: int = Field(default=2, ge=1, le=10)
+    mmr: bool = Field(default=False,
+                      description="Diversify documents (maximal marginal relevance).")
+
+
+class SourceCitation(BaseModel):
+    n: int
+    doc_id: str
+    title: str
+    url: str | None
+    source: str
+    snippet: str
+    score: float
+
+
+class QueryResponse(BaseModel):
+    answer: str
+    sources: list[SourceCitation]
+    confidence: float
+    processing_time_ms: float
+    request_id: str
+    answered_by: str

@@ -91,6 +91,9 @@ class Settings(BaseSettings):
         default=200, le=254, description="Most tokens in a chunk (the model reads 256 at most)."
     )
     chunk_overlap: int = Field(default=32, description="Tokens shared by neighbouring chunks.")
+    retrieval_alpha: float = Field(
+        default=0.5, ge=0, le=1, description="Hybrid search weight: 0 keyword only, 1 vector only."
+    )
     llm_endpoints: list[LLMEndpoint] = Field(
         default_factory=list,
         description="OpenAI-compatible chat endpoints as JSON, in priority order; none means "
@@ -106,6 +109,16 @@ class Settings(BaseSettings):
     llm_breaker_reset_s: float = Field(
         default=60.0, description="How long a tripped endpoint is skipped before a new try."
     )
+    api_host: str = Field(default="127.0.0.1", description="Where `headwater api` listens.")
+    api_port: int = Field(default=8000, description="The HTTP API's port.")
+    api_max_body_bytes: int = Field(default=65536, description="Larger requests get 413.")
+    api_allow_anonymous: bool = Field(
+        default=False, description="Serve requests without a token, as public-only callers."
+    )
+    jwt_secret: SecretStr | None = Field(default=None, description="HS256 shared secret.")
+    jwt_jwks_file: Path | None = Field(default=None, description="JWKS file for RS256 tokens.")
+    jwt_audience: str = Field(default="headwater", description="Required `aud` of tokens.")
+    jwt_issuer: str | None = Field(default=None, description="Required `iss`, when set.")
     spacy_model: str = Field(default="en_core_web_sm", description="spaCy model for Presidio.")
     startup_timeout_s: float = Field(
         default=180.0, description="How long `headwater up` waits for each server to be ready."

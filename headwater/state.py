@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -92,6 +93,33 @@ class EmbeddingRow(Base):
     model: Mapped[str] = mapped_column(String(200), primary_key=True)
     text_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class AuditRow(Base):
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(100))
+    resource: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(String(50))
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    details: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHeadRow(Base):
+    __tablename__ = "audit_head"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+def audit_hash(prev_hash: str, at: datetime, actor: str, action: str, resource: str,
+               outcome: str, request_id: str | None, details: dict | None) -> str:
+    payload = json.dumps([prev_hash, at.isoformat(), actor, action, resource, outcome,
+                          request_id, details], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -321,6 +349,32 @@ class StateStore:
         with self.session() as s:
             s.execute(delete(QuarantineRow).where(QuarantineRow.source == source,
                                                   QuarantineRow.doc_id.in_(list(doc_ids))))
+
+    # -- audit trail -------------------------------------------------------------------------
+
+    def append_audit(self, actor: str, action: str, resource: str, outcome: str,
+                     request_id: str | None = None, details: dict | None = None) -> str:
+        """Append an entry chained to the previous one by hash; returns the entry's hash."""
+        at = utcnow()
+        with self.session() as s:
+            head = s.execute(select(AuditHeadRow).where(AuditHeadRow.id == 1)
+                             .with_for_update()).scalar_one()
+            digest = audit_hash(head.hash, at, actor, action, resource, outcome, request_id,
+                                details)
+            s.add(AuditRow(at=at, actor=actor, action=action, resource=resource,
+                           outcome=outcome, request_id=request_id, details=details,
+                           prev_hash=head.hash, hash=digest))
+            head.hash = digest
+        return digest
+
+    def audit_entries(self, action: str | None = None) -> list[AuditRow]:
+        with self.session() as s:
+            query = select(AuditRow).order_by(AuditRow.id)
+            if action:
+                query = query.where(AuditRow.action == action)
+            rows = list(s.execute(query).scalars())
+            s.expunge_all()
+            return rows
 
     # -- embedding cache ---------------------------------------------------------------------
 

@@ -10,12 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
+from weaviate.classes.query import MetadataQuery
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from headwater import stack
 from headwater.errors import HeadwaterError
 from headwater.settings import Settings, get_settings
+from headwater.state import StateStore
 
 # Flows run in this process must talk to the stack's Prefect server, not an ephemeral one.
 os.environ["PREFECT_API_URL"] = get_settings().prefect_api_url
@@ -141,3 +144,69 @@ def postgres_url() -> Iterator[str]:
     finally:
         run(str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "-w", "stop")
         shutil.rmtree(data, ignore_errors=True)
+
+
+class FolderSource:
+    """A folder, its sources file, a state DB and a collection, all of one test's own."""
+
+    def __init__(self, root: Path, collection: str, client, monkeypatch: pytest.MonkeyPatch,
+                 batch_size: int = 32, state_db_url: str | None = None,
+                 principals: dict[str, list[str]] | None = None) -> None:
+        self.docs = root / "docs"
+        self.docs.mkdir()
+        self.collection = collection
+        self.client = client
+        self.config = root / "headwater.yaml"
+        self.config.write_text(yaml.safe_dump({"sources": [{
+            "name": "handbook", "type": "folder", "batch_size": batch_size,
+            "max_bytes": 10_000_000, "params": {"root": "docs"},
+            "principals": principals or {"": ["group:staff"], "hr/": ["group:hr"]},
+        }]}))
+        self.env = {
+            "HEADWATER_CONFIG": str(self.config),
+            "HEADWATER_STATE_DB_URL": state_db_url or f"sqlite:///{root / 'state.db'}",
+            "HEADWATER_COLLECTION": collection,
+        }
+        for key, value in self.env.items():
+            monkeypatch.setenv(key, value)
+        get_settings.cache_clear()
+        self.store = StateStore(self.env["HEADWATER_STATE_DB_URL"])
+
+    def write(self, rel: str, content: str | bytes) -> Path:
+        path = self.docs / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            path.write_text(content)
+        else:
+            path.write_bytes(content)
+        return path
+
+    def sync(self, full: bool = False) -> dict:
+        from flows.sync import sync_source
+
+        state = sync_source("handbook", full, return_state=True)
+        assert state.is_completed(), state
+        return state.result()
+
+    def index(self) -> dict[str, list[str]]:
+        """doc id -> chunk texts in ordinal order, as Weaviate holds them."""
+        found: dict[str, list[tuple[int, str]]] = {}
+        for obj in self.client.collections.use(self.collection).iterator():
+            p = obj.properties
+            found.setdefault(p["doc_id"], []).append((p["ordinal"], p["text"]))
+        return {doc: [t for _, t in sorted(chunks)] for doc, chunks in found.items()}
+
+    def update_times(self) -> dict[str, object]:
+        result = self.client.collections.use(self.collection).query.fetch_objects(
+            limit=1000, return_metadata=MetadataQuery(last_update_time=True))
+        return {str(o.uuid): o.metadata.last_update_time for o in result.objects}
+
+
+
+
+@pytest.fixture
+def folder(tmp_path, collection, weaviate_client, monkeypatch) -> Iterator[FolderSource]:
+    """A folder source of this test's own, indexed into this test's collection."""
+    source = FolderSource(tmp_path, collection, weaviate_client, monkeypatch)
+    yield source
+    get_settings.cache_clear()

@@ -10,77 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-import yaml
+from conftest import FolderSource
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-from weaviate.classes.query import Filter, MetadataQuery
+from weaviate.classes.query import Filter
 
 from flows.sync import sync_source
-from headwater.settings import get_settings
-from headwater.state import StateStore
 
 HEADWATER = str(Path(sys.executable).parent / "headwater")
-
-
-class FolderSource:
-    """A folder, its sources file, a state DB and a collection, all of one test's own."""
-
-    def __init__(self, root: Path, collection: str, client, monkeypatch: pytest.MonkeyPatch,
-                 batch_size: int = 32, state_db_url: str | None = None) -> None:
-        self.docs = root / "docs"
-        self.docs.mkdir()
-        self.collection = collection
-        self.client = client
-        self.config = root / "headwater.yaml"
-        self.config.write_text(yaml.safe_dump({"sources": [{
-            "name": "handbook", "type": "folder", "batch_size": batch_size,
-            "max_bytes": 10_000_000, "params": {"root": "docs"},
-            "principals": {"": ["group:staff"], "hr/": ["group:hr"]},
-        }]}))
-        self.env = {
-            "HEADWATER_CONFIG": str(self.config),
-            "HEADWATER_STATE_DB_URL": state_db_url or f"sqlite:///{root / 'state.db'}",
-            "HEADWATER_COLLECTION": collection,
-        }
-        for key, value in self.env.items():
-            monkeypatch.setenv(key, value)
-        get_settings.cache_clear()
-        self.store = StateStore(self.env["HEADWATER_STATE_DB_URL"])
-
-    def write(self, rel: str, content: str | bytes) -> Path:
-        path = self.docs / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, str):
-            path.write_text(content)
-        else:
-            path.write_bytes(content)
-        return path
-
-    def sync(self, full: bool = False) -> dict:
-        state = sync_source("handbook", full, return_state=True)
-        assert state.is_completed(), state
-        return state.result()
-
-    def index(self) -> dict[str, list[str]]:
-        """doc id -> chunk texts in ordinal order, as Weaviate holds them."""
-        found: dict[str, list[tuple[int, str]]] = {}
-        for obj in self.client.collections.use(self.collection).iterator():
-            p = obj.properties
-            found.setdefault(p["doc_id"], []).append((p["ordinal"], p["text"]))
-        return {doc: [t for _, t in sorted(chunks)] for doc, chunks in found.items()}
-
-    def update_times(self) -> dict[str, object]:
-        result = self.client.collections.use(self.collection).query.fetch_objects(
-            limit=1000, return_metadata=MetadataQuery(last_update_time=True))
-        return {str(o.uuid): o.metadata.last_update_time for o in result.objects}
-
-
-@pytest.fixture
-def folder(tmp_path, collection, weaviate_client, monkeypatch) -> FolderSource:
-    source = FolderSource(tmp_path, collection, weaviate_client, monkeypatch)
-    yield source
-    get_settings.cache_clear()
 
 
 def _corpus(folder: FolderSource) -> None:

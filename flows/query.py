@@ -1,0 +1,38 @@
+"""`answer_query`: an audited, API-triggerable answer to one question, within its permissions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from headwater.records import Caller, QueryFilters, QueryRequest
+from headwater.settings import get_settings
+from headwater.state import StateStore
+from tasks.answer import answer_question, generator_for, record_query
+from tasks.embed import load_model
+from tasks.index import connect_index
+
+
+@task(name="answer_question", cache_policy=NO_CACHE)
+def answer_question_task(request: QueryRequest, caller: Caller, request_id: str) -> dict:
+    settings = get_settings()
+    with connect_index(settings) as client:
+        response, trace = answer_question(settings, request, caller, client,
+                                          load_model(settings.embedding_model),
+                                          generator_for(settings), request_id)
+    record_query(StateStore(settings.resolved_state_db_url), caller, request, response, trace,
+                 channel="prefect")
+    return response.model_dump(mode="json")
+
+
+@flow(name="answer-query", persist_result=True)
+def answer_query(question: str, principals: list[str] | None = None,
+                 filters: dict[str, Any] | None = None, top_k: int = 5) -> dict:
+    """Answer from what `principals` may read (public documents only when none are given)."""
+    request = QueryRequest(question=question, top_k=top_k,
+                           filters=QueryFilters.model_validate(filters or {}))
+    caller = Caller.from_principals(principals or [])
+    return answer_question_task(request, caller, str(flow_run.id or "local"))

@@ -1,0 +1,193 @@
+"""The HTTP API: permission-aware questions and answers, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from headwater.auth import (
+    QUERY,
+    TUNE,
+    VIEW_SOURCES,
+    AuthError,
+    Forbidden,
+    caller_from_token,
+    permissions,
+    require,
+)
+from headwater.errors import HeadwaterError, IndexUnavailable
+from headwater.records import Caller, QueryRequest, QueryResponse
+from headwater.settings import Settings, get_settings
+from headwater.state import StateStore
+
+STATUS_OF = {AuthError: (401, "unauthorized"), Forbidden: (403, "forbidden"),
+             IndexUnavailable: (503, "index_unavailable")}
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry
+    requests: Counter
+    latency: Histogram
+    retrieval: Histogram
+    generation: Histogram
+    errors: Counter
+
+    @classmethod
+    def create(cls) -> Metrics:
+        # A registry per app, so tests and several apps in one process never collide.
+        registry = CollectorRegistry()
+        return cls(
+            registry,
+            Counter("headwater_http_requests_total", "HTTP requests",
+                    ["route", "method", "status"], registry=registry),
+            Histogram("headwater_http_request_duration_seconds", "HTTP request latency",
+                      ["route", "method", "status"], registry=registry),
+            Histogram("headwater_retrieval_duration_seconds", "Query embedding and retrieval",
+                      registry=registry),
+            Histogram("headwater_generation_duration_seconds", "LLM generation, failover included",
+                      registry=registry),
+            Counter("headwater_errors_total", "Errors by type", ["type"], registry=registry),
+        )
+
+
+def _error(status: int, code: str, message: str, request_id: str | None = None,
+           details: Any = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": {"code": code, "message": message}}
+    if details is not None:
+        body["error"]["details"] = details
+    if request_id:
+        body["request_id"] = request_id
+    return JSONResponse(status_code=status, content=body)
+
+
+def current_caller(request: Request) -> Caller:
+    """The caller named by the request's bearer token (401 when there is none or it is bad)."""
+    return caller_from_token(request.app.state.settings, request.headers.get("authorization"))
+
+
+CurrentCaller = Annotated[Caller, Depends(current_caller)]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = Metrics.create()
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        from tasks.answer import generator_for
+        from tasks.embed import load_model
+        from tasks.index import connect_index
+
+        # Load once per process: the model, one index client and one generator (its breakers).
+        state["model"] = await run_in_threadpool(load_model, settings.embedding_model)
+        state["store"] = StateStore(settings.resolved_state_db_url)
+        state["generator"] = generator_for(settings)
+        with connect_index(settings) as client:
+            state["client"] = client
+            yield
+
+    app = FastAPI(title="Headwater", version="0.1.0", lifespan=lifespan,
+                  description="Permission-aware answers with citations over company knowledge.")
+    app.state.settings = settings
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Any) -> Response:
+        request.state.request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+        started = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.api_max_body_bytes:
+            response: Response = _error(413, "payload_too_large",
+                                        f"requests are limited to {settings.api_max_body_bytes}"
+                                        " bytes", request.state.request_id)
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        labels = (path, request.method, str(response.status_code))
+        metrics.requests.labels(*labels).inc()
+        metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+        response.headers["x-request-id"] = request.state.request_id
+        return response
+
+    @app.exception_handler(HeadwaterError)
+    async def headwater_error(request: Request, error: HeadwaterError) -> JSONResponse:
+        status, code = next(((s, c) for kind, (s, c) in STATUS_OF.items()
+                             if isinstance(error, kind)), (500, "internal_error"))
+        metrics.errors.labels(type(error).__name__).inc()
+        return _error(status, code, error.user_message, request.state.request_id)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        metrics.errors.labels("RequestValidationError").inc()
+        details = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in error.errors()]
+        return _error(422, "invalid_request", "the request body is not valid",
+                      request.state.request_id, details)
+
+    @app.post("/v1/query", response_model=QueryResponse,
+              responses={401: {}, 403: {}, 413: {}, 422: {}, 503: {}})
+    def query(body: QueryRequest, request: Request,
+              who: CurrentCaller) -> Any:
+        """Answer a question from the documents the caller may read, with citations."""
+        from tasks.answer import answer_question, record_query
+
+        require(who, QUERY)
+        tuned = body.alpha is not None or body.mmr or body.top_k > 10
+        if tuned:
+            require(who, TUNE)
+        response, trace = answer_question(settings, body, who, state["client"], state["model"],
+                                          state["generator"], request.state.request_id)
+        metrics.retrieval.observe(trace.retrieval_s)
+        if trace.generation_s:
+            metrics.generation.observe(trace.generation_s)
+        record_query(state["store"], who, body, response, trace, channel="api")
+        if VIEW_SOURCES not in permissions(who):
+            response.sources = []
+        return response
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        """Weaviate answers, the state DB answers, and the model is loaded."""
+        checks: dict[str, str] = {"model": "ok" if state.get("model") is not None else "missing"}
+        try:
+            checks["weaviate"] = "ok" if state["client"].is_ready() else "not ready"
+        except Exception as error:  # any failure to answer is "not ready", reported, not raised
+            checks["weaviate"] = f"error: {type(error).__name__}"
+        try:
+            with state["store"].engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            checks["state_db"] = "ok"
+        except Exception as error:
+            checks["state_db"] = f"error: {type(error).__name__}"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse(status_code=200 if ready else 503,
+                            content={"status": "ready" if ready else "not ready", **checks})
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

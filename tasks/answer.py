@@ -1,0 +1,164 @@
+"""Answering a question from retrieved documents: generated with citations, or extractive."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from headwater.records import (
+    Caller,
+    QueryRequest,
+    QueryResponse,
+    SourceCitation,
+    content_hash,
+)
+from headwater.settings import Settings
+from headwater.state import StateStore
+from tasks.embed import encode
+from tasks.generate import Generator, NumberedSource
+from tasks.retrieve import RetrievedDocument, retrieve
+
+NOTHING_FOUND = "I found nothing you have access to that answers this question."
+
+_STOPWORDS = frozenset(
+    "a an and are as at be by can do does for from how i in is it its me my of on or our should "
+    "that the their there this to was we what when where which who why will with you your".split()
+)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n{2,}")
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _terms(text: str) -> list[str]:
+    # A crude stem (the first 6 letters) lets "policies" meet "policy" without a stemmer.
+    return [w[:6] for w in _WORD.findall(text.lower()) if w not in _STOPWORDS]
+
+
+@dataclass
+class AnswerTrace:
+    """What went into an answer, for metrics and the audit trail."""
+
+    retrieval_s: float = 0.0
+    generation_s: float = 0.0
+    doc_ids: list[str] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def citations(documents: Sequence[RetrievedDocument]) -> list[SourceCitation]:
+    return [
+        SourceCitation(n=n, doc_id=d.best.doc_id, title=d.best.title, url=d.best.url,
+                       source=d.best.source, snippet=d.best.text[:300],
+                       score=round(d.best.score, 4))
+        for n, d in enumerate(documents, start=1)
+    ]
+
+
+def extractive_answer(question: str, documents: Sequence[RetrievedDocument],
+                      max_sentences: int = 3) -> tuple[str, float]:
+    """The sentences that share most with the question, each with its [n] citation."""
+    if not documents:
+        return NOTHING_FOUND, 0.0
+    wanted = set(_terms(question))
+    candidates: list[tuple[int, int, str]] = []  # (source number, position, sentence)
+    for n, doc in enumerate(documents, start=1):
+        for chunk in doc.chunks:
+            for sentence in _SENTENCE.split(chunk.text):
+                sentence = " ".join(sentence.split())
+                if len(sentence) >= 20:
+                    candidates.append((n, len(candidates), sentence))
+    if not candidates:
+        return NOTHING_FOUND, 0.0
+    frequency = Counter(t for _, _, s in candidates for t in set(_terms(s)))
+
+    def score(item: tuple[int, int, str]) -> float:
+        n, _, sentence = item
+        terms = set(_terms(sentence))
+        idf = sum(math.log(1 + len(candidates) / frequency[t]) for t in wanted & terms)
+        return idf / (1 + 0.15 * (n - 1))  # a slight preference for better-ranked sources
+
+    ranked = sorted(candidates, key=score, reverse=True)
+    best = [c for c in ranked[:max_sentences] if score(c) > 0] or ranked[:1]
+    best.sort(key=lambda c: (c[0], c[1]))
+    text = " ".join(f"{sentence} [{n}]" for n, _, sentence in best)
+    covered = wanted & {t for _, _, s in best for t in _terms(s)}
+    coverage = len(covered) / len(wanted) if wanted else 0.0
+    return text, round(min(1.0, documents[0].best.score) * (0.5 + 0.5 * coverage), 3)
+
+
+def answer_question(
+    settings: Settings,
+    request: QueryRequest,
+    caller: Caller,
+    client: Any,
+    model: Any,
+    generator: Generator | None = None,
+    request_id: str | None = None,
+) -> tuple[QueryResponse, AnswerTrace]:
+    """Retrieve within the caller's permissions, then answer with numbered citations."""
+    started = time.perf_counter()
+    trace = AnswerTrace()
+    query_vector = encode(model, [request.question])[0]
+    documents = retrieve(
+        client, settings.collection, request.question, query_vector, caller.principals,
+        request.filters, top_k=request.top_k,
+        alpha=settings.retrieval_alpha if request.alpha is None else request.alpha,
+        max_chunks_per_doc=request.max_chunks_per_doc, mmr=request.mmr,
+    )
+    trace.retrieval_s = time.perf_counter() - started
+    trace.doc_ids = [d.best.doc_id for d in documents]
+    text, confidence = extractive_answer(request.question, documents)
+    answered_by = "extractive"
+    if documents and generator is not None:
+        generation_started = time.perf_counter()
+        sources = [NumberedSource(n, d.best.title, "\n\n".join(c.text for c in d.chunks))
+                   for n, d in enumerate(documents, start=1)]
+        generated = generator.generate(request.question, sources)
+        trace.generation_s = time.perf_counter() - generation_started
+        if generated is not None:
+            text, answered_by = generated.text, generated.answered_by
+            trace.attempts = generated.attempts
+    response = QueryResponse(
+        answer=text,
+        sources=citations(documents),
+        confidence=confidence,
+        processing_time_ms=round((time.perf_counter() - started) * 1000, 1),
+        request_id=request_id or str(uuid.uuid4()),
+        answered_by=answered_by,
+    )
+    return response, trace
+
+
+def generator_for(settings: Settings) -> Generator | None:
+    """The configured LLM endpoints with failover, or None for extractive answers."""
+    if not settings.llm_endpoints:
+        return None
+    return Generator(
+        settings.llm_endpoints,
+        deadline_s=settings.llm_deadline_s,
+        retries=settings.llm_retries,
+        breaker_failures=settings.llm_breaker_failures,
+        breaker_reset_s=settings.llm_breaker_reset_s,
+    )
+
+
+def record_query(store: StateStore, caller: Caller, request: QueryRequest,
+                 response: QueryResponse, trace: AnswerTrace, channel: str) -> None:
+    """Who asked what (as a hash: the question may hold personal data) and what they got."""
+    store.append_audit(
+        actor=f"user:{caller.user_id}" if caller.user_id else "anonymous",
+        action="query",
+        resource=channel,
+        outcome="answered" if response.sources else "no_results",
+        request_id=response.request_id,
+        details={
+            "query_hash": content_hash(request.question),
+            "groups": caller.groups,
+            "doc_ids": trace.doc_ids,
+            "answered_by": response.answered_by,
+        },
+    )

@@ -1,0 +1,119 @@
+"""Hybrid retrieval inside the caller's permissions, grouped by document."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import weaviate
+from weaviate.classes.query import Filter, HybridFusion, MetadataQuery
+from weaviate.exceptions import WeaviateBaseError
+
+from headwater.errors import IndexUnavailable
+from headwater.records import QueryFilters
+
+
+@dataclass
+class RetrievedChunk:
+    doc_id: str
+    source: str
+    title: str
+    url: str | None
+    text: str
+    heading_path: list[str]
+    ordinal: int
+    score: float
+    vector: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass
+class RetrievedDocument:
+    """A document with its best chunks, best first."""
+
+    chunks: list[RetrievedChunk]
+
+    @property
+    def best(self) -> RetrievedChunk:
+        return self.chunks[0]
+
+
+def search_filter(principals: Sequence[str], filters: QueryFilters) -> Filter:
+    """The mandatory permission filter, plus the caller's own filters; applied in the index."""
+    if not principals:
+        raise ValueError("a search needs at least one principal ('public')")
+    where = Filter.by_property("principals").contains_any(list(principals))
+    if filters.sources:
+        where = where & Filter.by_property("source").contains_any(filters.sources)
+    if filters.modified_after:
+        where = where & Filter.by_property("modified").greater_or_equal(filters.modified_after)
+    if filters.modified_before:
+        where = where & Filter.by_property("modified").less_or_equal(filters.modified_before)
+    return where
+
+
+def _mmr(documents: list[RetrievedDocument], k: int,
+         weight: float = 0.7) -> list[RetrievedDocument]:
+    """Maximal marginal relevance over documents' best chunks: relevant, but not repetitive."""
+    chosen: list[RetrievedDocument] = []
+    pool = list(documents)
+    top = max((d.best.score for d in pool), default=1.0) or 1.0
+    while pool and len(chosen) < k:
+        def gain(doc: RetrievedDocument) -> float:
+            if not chosen or doc.best.vector is None:
+                return doc.best.score / top
+            similarity = max(float(doc.best.vector @ c.best.vector) for c in chosen
+                             if c.best.vector is not None)
+            return weight * doc.best.score / top - (1 - weight) * similarity
+
+        best = max(pool, key=gain)
+        chosen.append(best)
+        pool.remove(best)
+    return chosen
+
+
+def retrieve(
+    client: weaviate.WeaviateClient,
+    collection: str,
+    question: str,
+    query_vector: Sequence[float],
+    principals: Sequence[str],
+    filters: QueryFilters,
+    top_k: int = 5,
+    alpha: float = 0.5,
+    max_chunks_per_doc: int = 2,
+    mmr: bool = False,
+) -> list[RetrievedDocument]:
+    """Up to `top_k` documents the caller may read, each with its best chunks."""
+    candidates = top_k * max_chunks_per_doc * 4
+    try:
+        result = client.collections.use(collection).query.hybrid(
+            query=question,
+            vector=list(query_vector),
+            alpha=alpha,
+            limit=candidates,
+            filters=search_filter(principals, filters),
+            fusion_type=HybridFusion.RELATIVE_SCORE,
+            query_properties=["text", "title^2"],
+            return_metadata=MetadataQuery(score=True),
+            include_vector=mmr,
+        )
+    except WeaviateBaseError as error:
+        raise IndexUnavailable("The search index did not answer; try again shortly.",
+                               repr(error)) from error
+    by_doc: dict[tuple[str, str], RetrievedDocument] = {}
+    for obj in result.objects:
+        p = obj.properties
+        vector = obj.vector.get("default") if mmr and obj.vector else None
+        chunk = RetrievedChunk(
+            doc_id=str(p["doc_id"]), source=str(p["source"]), title=str(p.get("title") or ""),
+            url=str(p.get("url") or "") or None, text=str(p["text"]),
+            heading_path=list(p.get("heading_path") or []), ordinal=int(p["ordinal"]),
+            score=float(obj.metadata.score or 0.0),
+            vector=np.asarray(vector, dtype=np.float32) if vector is not None else None,
+        )
+        doc = by_doc.setdefault((chunk.source, chunk.doc_id), RetrievedDocument([]))
+        if len(doc.chunks) < max_chunks_per_doc:
+            doc.chunks.append(chunk)
+    documents = sorted(by_doc.values(), key=lambda d: d.best.score, reverse=True)
+    return _mmr(documents, top_k) if mmr else documents[:top_k]
