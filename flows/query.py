@@ -12,7 +12,7 @@ from headwater.records import Caller, QueryFilters, QueryRequest
 from headwater.settings import get_settings
 from headwater.state import StateStore
 from tasks.answer import answer_question, generator_for, record_query
-from tasks.embed import load_model
+from tasks.embed import query_encoder
 from tasks.index import connect_index
 
 
@@ -21,7 +21,7 @@ def answer_question_task(request: QueryRequest, caller: Caller, request_id: str)
     settings = get_settings()
     with connect_index(settings) as client:
         response, trace = answer_question(settings, request, caller, client,
-                                          load_model(settings.embedding_model),
+                                          query_encoder(settings.embedding_model),
                                           generator_for(settings), request_id)
     record_query(StateStore(settings.resolved_state_db_url), caller, request, response, trace,
                  channel="prefect")

@@ -35,7 +35,7 @@ from headwater.auth import (
 from headwater.errors import HeadwaterError, IndexUnavailable
 from headwater.records import Caller, QueryRequest, QueryResponse
 from headwater.settings import Settings, get_settings
-from headwater.state import StateStore
+from headwater.state import AuditWriter, StateStore
 
 STATUS_OF = {AuthError: (401, "unauthorized"), Forbidden: (403, "forbidden"),
              IndexUnavailable: (503, "index_unavailable")}
@@ -93,17 +93,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        import torch
+
         from tasks.answer import generator_for
-        from tasks.embed import load_model
+        from tasks.embed import QueryEncoder, load_model
         from tasks.index import connect_index
 
+        torch.set_num_threads(settings.api_torch_threads)
         # Load once per process: the model, one index client and one generator (its breakers).
         state["model"] = await run_in_threadpool(load_model, settings.embedding_model)
+        state["encoder"] = QueryEncoder(state["model"])
         state["store"] = StateStore(settings.resolved_state_db_url)
+        state["audit"] = AuditWriter(state["store"])
         state["generator"] = generator_for(settings)
         with connect_index(settings) as client:
             state["client"] = client
             yield
+        state["encoder"].close()
+        state["audit"].close()
 
     app = FastAPI(title="Headwater", version="0.1.0", lifespan=lifespan,
                   description="Permission-aware answers with citations over company knowledge.")
@@ -153,12 +160,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tuned = body.alpha is not None or body.mmr or body.top_k > 10
         if tuned:
             require(who, TUNE)
-        response, trace = answer_question(settings, body, who, state["client"], state["model"],
+        response, trace = answer_question(settings, body, who, state["client"], state["encoder"],
                                           state["generator"], request.state.request_id)
         metrics.retrieval.observe(trace.retrieval_s)
         if trace.generation_s:
             metrics.generation.observe(trace.generation_s)
-        record_query(state["store"], who, body, response, trace, channel="api")
+        record_query(state["audit"], who, body, response, trace, channel="api")
         if VIEW_SOURCES not in permissions(who):
             response.sources = []
         return response

@@ -141,7 +141,7 @@ def ask(
     from headwater.records import Caller, QueryRequest
     from headwater.state import StateStore
     from tasks.answer import answer_question, generator_for, record_query
-    from tasks.embed import load_model
+    from tasks.embed import query_encoder
     from tasks.index import connect_index
 
     settings = get_settings()
@@ -150,7 +150,7 @@ def ask(
     try:
         with connect_index(settings) as client:
             response, trace = answer_question(settings, request, caller, client,
-                                              load_model(settings.embedding_model),
+                                              query_encoder(settings.embedding_model),
                                               generator_for(settings))
     except HeadwaterError as error:
         _fail(error)

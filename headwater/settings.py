@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     )
     api_host: str = Field(default="127.0.0.1", description="Where `headwater api` listens.")
     api_port: int = Field(default=8000, description="The HTTP API's port.")
+    api_torch_threads: int = Field(
+        default=1, ge=1, description="Torch threads in the API process, which shares its cores "
+        "with Weaviate; concurrent questions are embedded in batches instead."
+    )
     api_max_body_bytes: int = Field(default=65536, description="Larger requests get 413.")
     api_allow_anonymous: bool = Field(
         default=False, description="Serve requests without a token, as public-only callers."

@@ -23,12 +23,15 @@ from sqlalchemy import (
     Text,
     create_engine,
     delete,
+    event,
     func,
     select,
     update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from headwater.coalesce import Coalescer
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -169,7 +172,18 @@ def _engine(url: str) -> Engine:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     migrate(url)
-    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _wal(connection: object, _: object) -> None:
+        # WAL lets readers run beside the one writer, and commits need no full fsync each.
+        cursor = connection.cursor()  # type: ignore[attr-defined]
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
     return engine
 
 
@@ -355,17 +369,29 @@ class StateStore:
     def append_audit(self, actor: str, action: str, resource: str, outcome: str,
                      request_id: str | None = None, details: dict | None = None) -> str:
         """Append an entry chained to the previous one by hash; returns the entry's hash."""
+        return self.append_audit_entries([(actor, action, resource, outcome, request_id,
+                                           details)])[0]
+
+    def append_audit_entries(
+        self, entries: list[tuple[str, str, str, str, str | None, dict | None]]
+    ) -> list[str]:
+        """Append several entries in one transaction, chained in order."""
         at = utcnow()
+        hashes = []
         with self.session() as s:
             head = s.execute(select(AuditHeadRow).where(AuditHeadRow.id == 1)
                              .with_for_update()).scalar_one()
-            digest = audit_hash(head.hash, at, actor, action, resource, outcome, request_id,
-                                details)
-            s.add(AuditRow(at=at, actor=actor, action=action, resource=resource,
-                           outcome=outcome, request_id=request_id, details=details,
-                           prev_hash=head.hash, hash=digest))
-            head.hash = digest
-        return digest
+            previous = head.hash
+            for actor, action, resource, outcome, request_id, details in entries:
+                digest = audit_hash(previous, at, actor, action, resource, outcome, request_id,
+                                    details)
+                s.add(AuditRow(at=at, actor=actor, action=action, resource=resource,
+                               outcome=outcome, request_id=request_id, details=details,
+                               prev_hash=previous, hash=digest))
+                hashes.append(digest)
+                previous = digest
+            head.hash = previous
+        return hashes
 
     def audit_entries(self, action: str | None = None) -> list[AuditRow]:
         with self.session() as s:
@@ -396,3 +422,22 @@ class StateStore:
 
 def summary_json(summary: dict) -> str:
     return json.dumps(summary, default=str, sort_keys=True)
+
+
+class AuditWriter:
+    """The audit trail for a busy process: concurrent entries share one transaction.
+
+    `append_audit` returns once its entry is committed, so nothing answered goes unrecorded,
+    but requests never queue on the database's write lock one by one.
+    """
+
+    def __init__(self, store: StateStore) -> None:
+        self._calls: Coalescer[tuple, str] = Coalescer(store.append_audit_entries,
+                                                       "audit-writer", max_batch=500)
+
+    def append_audit(self, actor: str, action: str, resource: str, outcome: str,
+                     request_id: str | None = None, details: dict | None = None) -> str:
+        return self._calls.submit((actor, action, resource, outcome, request_id, details))
+
+    def close(self) -> None:
+        self._calls.close()

@@ -19,8 +19,8 @@ from headwater.records import (
     content_hash,
 )
 from headwater.settings import Settings
-from headwater.state import StateStore
-from tasks.embed import encode
+from headwater.state import AuditWriter, StateStore
+from tasks.embed import QueryEncoder
 from tasks.generate import Generator, NumberedSource
 from tasks.retrieve import RetrievedDocument, retrieve
 
@@ -64,28 +64,26 @@ def extractive_answer(question: str, documents: Sequence[RetrievedDocument],
     if not documents:
         return NOTHING_FOUND, 0.0
     wanted = set(_terms(question))
-    candidates: list[tuple[int, int, str]] = []  # (source number, position, sentence)
+    candidates: list[tuple[int, int, str, set[str]]] = []  # (source n, position, sentence, terms)
     for n, doc in enumerate(documents, start=1):
         for chunk in doc.chunks:
             for sentence in _SENTENCE.split(chunk.text):
                 sentence = " ".join(sentence.split())
                 if len(sentence) >= 20:
-                    candidates.append((n, len(candidates), sentence))
+                    candidates.append((n, len(candidates), sentence, set(_terms(sentence))))
     if not candidates:
         return NOTHING_FOUND, 0.0
-    frequency = Counter(t for _, _, s in candidates for t in set(_terms(s)))
-
-    def score(item: tuple[int, int, str]) -> float:
-        n, _, sentence = item
-        terms = set(_terms(sentence))
-        idf = sum(math.log(1 + len(candidates) / frequency[t]) for t in wanted & terms)
-        return idf / (1 + 0.15 * (n - 1))  # a slight preference for better-ranked sources
-
-    ranked = sorted(candidates, key=score, reverse=True)
-    best = [c for c in ranked[:max_sentences] if score(c) > 0] or ranked[:1]
-    best.sort(key=lambda c: (c[0], c[1]))
-    text = " ".join(f"{sentence} [{n}]" for n, _, sentence in best)
-    covered = wanted & {t for _, _, s in best for t in _terms(s)}
+    frequency = Counter(t for *_, terms in candidates for t in terms & wanted)
+    scores = [
+        sum(math.log(1 + len(candidates) / frequency[t]) for t in wanted & terms)
+        / (1 + 0.15 * (n - 1))  # a slight preference for better-ranked sources
+        for n, _, _, terms in candidates
+    ]
+    ranked = sorted(range(len(candidates)), key=scores.__getitem__, reverse=True)
+    best = [i for i in ranked[:max_sentences] if scores[i] > 0] or ranked[:1]
+    best.sort(key=lambda i: (candidates[i][0], candidates[i][1]))
+    text = " ".join(f"{candidates[i][2]} [{candidates[i][0]}]" for i in best)
+    covered = wanted & set().union(*(candidates[i][3] for i in best))
     coverage = len(covered) / len(wanted) if wanted else 0.0
     return text, round(min(1.0, documents[0].best.score) * (0.5 + 0.5 * coverage), 3)
 
@@ -95,14 +93,14 @@ def answer_question(
     request: QueryRequest,
     caller: Caller,
     client: Any,
-    model: Any,
+    encoder: QueryEncoder,
     generator: Generator | None = None,
     request_id: str | None = None,
 ) -> tuple[QueryResponse, AnswerTrace]:
     """Retrieve within the caller's permissions, then answer with numbered citations."""
     started = time.perf_counter()
     trace = AnswerTrace()
-    query_vector = encode(model, [request.question])[0]
+    query_vector = encoder.encode(request.question)
     documents = retrieve(
         client, settings.collection, request.question, query_vector, caller.principals,
         request.filters, top_k=request.top_k,
@@ -146,10 +144,10 @@ def generator_for(settings: Settings) -> Generator | None:
     )
 
 
-def record_query(store: StateStore, caller: Caller, request: QueryRequest,
+def record_query(audit: StateStore | AuditWriter, caller: Caller, request: QueryRequest,
                  response: QueryResponse, trace: AnswerTrace, channel: str) -> None:
     """Who asked what (as a hash: the question may hold personal data) and what they got."""
-    store.append_audit(
+    audit.append_audit(
         actor=f"user:{caller.user_id}" if caller.user_id else "anonymous",
         action="query",
         resource=channel,

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from headwater.coalesce import Coalescer
 from headwater.records import content_hash
 from headwater.state import StateStore
 
@@ -70,3 +71,24 @@ def embed_texts(model: Any, model_key: str, texts: Sequence[str], store: StateSt
         if store:
             store.store_vectors(model_key, {h: v.tobytes() for h, v in by_hash.items()})
     return EmbeddingResult(vectors, len(missing))
+
+
+class QueryEncoder:
+    """Embeds questions for many concurrent callers, several per model call."""
+
+    def __init__(self, model: Any, max_batch: int = 64) -> None:
+        self.model = model
+        self._calls: Coalescer[str, np.ndarray] = Coalescer(
+            lambda texts: encode(model, texts, len(texts)), "query-encoder", max_batch)
+
+    def encode(self, text: str) -> np.ndarray:
+        return self._calls.submit(text, timeout_s=30.0)
+
+    def close(self) -> None:
+        self._calls.close()
+
+
+@lru_cache(maxsize=2)
+def query_encoder(name: str) -> QueryEncoder:
+    """The process's one query encoder for a model."""
+    return QueryEncoder(load_model(name))

@@ -38,6 +38,15 @@ class RetrievedDocument:
         return self.chunks[0]
 
 
+# Only what an answer shows: parsing every property of every candidate costs real time.
+RETURNED = ["doc_id", "source", "title", "url", "text", "heading_path", "ordinal"]
+
+
+def candidate_count(top_k: int, max_chunks_per_doc: int) -> int:
+    """Chunks to fetch so that grouping by document still fills `top_k` documents."""
+    return top_k * max_chunks_per_doc * 3
+
+
 def search_filter(principals: Sequence[str], filters: QueryFilters) -> Filter:
     """The mandatory permission filter, plus the caller's own filters; applied in the index."""
     if not principals:
@@ -85,7 +94,7 @@ def retrieve(
     mmr: bool = False,
 ) -> list[RetrievedDocument]:
     """Up to `top_k` documents the caller may read, each with its best chunks."""
-    candidates = top_k * max_chunks_per_doc * 4
+    candidates = candidate_count(top_k, max_chunks_per_doc)
     try:
         result = client.collections.use(collection).query.hybrid(
             query=question,
@@ -95,6 +104,7 @@ def retrieve(
             filters=search_filter(principals, filters),
             fusion_type=HybridFusion.RELATIVE_SCORE,
             query_properties=["text", "title^2"],
+            return_properties=RETURNED,
             return_metadata=MetadataQuery(score=True),
             include_vector=mmr,
         )

@@ -278,3 +278,56 @@ def test_nothing_readable_gives_an_honest_empty_answer(api: TestClient) -> None:
     assert body["sources"] == [] or all(s["doc_id"] == PUBLIC for s in body["sources"])
     if not body["sources"]:
         assert body["answer"] == NOTHING_FOUND
+
+
+def test_through_the_deployment_the_answer_respects_the_principals(
+    corpus: FolderSource, settings: Settings
+) -> None:
+    from prefect.deployments import run_deployment
+    from test_prefect import _delete_deployment
+
+    from headwater.settings import PROJECT_ROOT
+
+    deployment_id = answer_query.from_source(
+        source=str(PROJECT_ROOT), entrypoint="flows/query.py:answer_query"
+    ).deploy(name=f"test-{uuid.uuid4().hex[:8]}", work_pool_name=settings.work_pool,
+             job_variables={"env": corpus.env}, print_next_steps=False)
+    try:
+        runs = {
+            who: run_deployment(deployment_id, timeout=240, parameters={
+                "question": "What do engineers earn in salary band B3?",
+                "principals": principals})
+            for who, principals in (("alice", ["user:alice", "group:hr"]),
+                                    ("bob", ["user:bob", "group:engineering"]))
+        }
+    finally:
+        import asyncio
+
+        asyncio.run(_delete_deployment(deployment_id))
+    answers = {who: run.state.result() for who, run in runs.items()}
+    assert answers["alice"]["sources"][0]["doc_id"] == HR_ONLY
+    assert HR_ONLY not in json.dumps(answers["bob"]) and "61,000" not in json.dumps(answers["bob"])
+
+
+def test_rs256_tokens_are_verified_against_the_jwks_file(
+    corpus: FolderSource, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [{**public, "kid": "k1", "use": "sig", "alg": "RS256"}]}))
+    settings = corpus.settings.model_copy(update={"jwt_jwks_file": jwks, "jwt_secret": None})
+    claims = {"sub": "alice", "groups": ["hr"], "roles": ["user"], "aud": "headwater",
+              "exp": int(time.time()) + 60}
+    good = jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    forged = jwt.encode(claims, stranger, algorithm="RS256", headers={"kid": "k1"})
+    unknown_kid = jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k9"})
+    with TestClient(create_app(settings)) as client:
+        assert _ask(client, "annual leave", good).status_code == 200
+        assert _ask(client, "annual leave", forged).status_code == 401
+        assert _ask(client, "annual leave", unknown_kid).status_code == 401
+        # An HS256 token is refused when only RS256 is configured.
+        assert _ask(client, "annual leave", _token(*ALICE)).status_code == 401
