@@ -78,6 +78,18 @@ def _ask(api: TestClient, question: str, token: str | None, **body: object):
 
 ALICE = ("alice", ["hr"])
 BOB = ("bob", ["engineering"])
+# A question that touches every document, and what each user may be shown of them.
+EVERYTHING = "salary bands, deploying telemetry, the BP-200 pump and annual leave"
+ALLOWED = {"alice": {HR_ONLY, "leave.md", PUBLIC}, "bob": {ENG_ONLY, "leave.md", PUBLIC}}
+SECRETS = {"alice": ["61,000", "75,000"], "bob": ["release pipeline", "error dashboard"]}
+
+
+def _assert_only_allowed(user: str, answer: dict) -> None:
+    """The user sees their documents and public ones, never the other user's, anywhere."""
+    shown = {s["doc_id"] for s in answer["sources"]}
+    assert PUBLIC in shown and shown <= ALLOWED[user], (user, shown)
+    other = "bob" if user == "alice" else "alice"
+    assert not any(secret in json.dumps(answer) for secret in SECRETS[other])
 
 
 def test_through_the_api_neither_user_sees_the_others_documents(api: TestClient) -> None:
@@ -94,6 +106,8 @@ def test_through_the_api_neither_user_sees_the_others_documents(api: TestClient)
 
     alice_deploy = _ask(api, "How do I deploy the telemetry service?", _token(*ALICE)).json()
     assert ENG_ONLY not in json.dumps(alice_deploy)
+    for who in (ALICE, BOB):
+        _assert_only_allowed(who[0], _ask(api, EVERYTHING, _token(*who), top_k=10).json())
 
 
 def test_a_public_document_is_seen_by_both(api: TestClient) -> None:
@@ -122,10 +136,19 @@ def test_through_the_cli_and_the_flow_permissions_hold(corpus: FolderSource) -> 
                            capture_output=True, text=True, env=env, timeout=300)
     assert asked.returncode == 0, asked.stderr
     assert HR_ONLY not in asked.stdout and "61,000" not in asked.stdout
+    for user, group in (("alice", "hr"), ("bob", "engineering")):
+        asked = subprocess.run([HEADWATER, "ask", "--as", user, "--groups", group, "--json",
+                                "--top-k", "10", EVERYTHING],
+                               capture_output=True, text=True, env=env, timeout=300)
+        assert asked.returncode == 0, asked.stderr
+        _assert_only_allowed(user, json.loads(asked.stdout))
 
     result = answer_query("What do engineers earn in salary band B3?",
                           principals=["user:alice", "group:hr"])
     assert result["sources"][0]["doc_id"] == HR_ONLY
+    for user, principals in (("alice", ["user:alice", "group:hr"]),
+                             ("bob", ["user:bob", "group:engineering"])):
+        _assert_only_allowed(user, answer_query(EVERYTHING, principals=principals, top_k=10))
     nobody = answer_query("What do engineers earn in salary band B3?")
     assert {s["doc_id"] for s in nobody["sources"]} <= {PUBLIC}
 
@@ -295,8 +318,7 @@ def test_through_the_deployment_the_answer_respects_the_principals(
     try:
         runs = {
             who: run_deployment(deployment_id, timeout=240, parameters={
-                "question": "What do engineers earn in salary band B3?",
-                "principals": principals})
+                "question": EVERYTHING, "principals": principals, "top_k": 10})
             for who, principals in (("alice", ["user:alice", "group:hr"]),
                                     ("bob", ["user:bob", "group:engineering"]))
         }
@@ -304,9 +326,8 @@ def test_through_the_deployment_the_answer_respects_the_principals(
         import asyncio
 
         asyncio.run(_delete_deployment(deployment_id))
-    answers = {who: run.state.result() for who, run in runs.items()}
-    assert answers["alice"]["sources"][0]["doc_id"] == HR_ONLY
-    assert HR_ONLY not in json.dumps(answers["bob"]) and "61,000" not in json.dumps(answers["bob"])
+    for who, run in runs.items():
+        _assert_only_allowed(who, run.state.result())
 
 
 def test_rs256_tokens_are_verified_against_the_jwks_file(
