@@ -133,15 +133,7 @@ def answer_question(
 
 def generator_for(settings: Settings) -> Generator | None:
     """The configured LLM endpoints with failover, or None for extractive answers."""
-    if not settings.llm_endpoints:
-        return None
-    return Generator(
-        settings.llm_endpoints,
-        deadline_s=settings.llm_deadline_s,
-        retries=settings.llm_retries,
-        breaker_failures=settings.llm_breaker_failures,
-        breaker_reset_s=settings.llm_breaker_reset_s,
-    )
+    return Generator.from_settings(settings) if settings.llm_endpoints else None
 
 
 def record_query(audit: StateStore | AuditWriter, caller: Caller, request: QueryRequest,

@@ -176,17 +176,22 @@ def _many_documents(folder: FolderSource, count: int) -> None:
                      + "Follow-up actions were assigned. " * 30)
 
 
+def _wait_until_committed(folder: FolderSource, run: subprocess.Popen, documents: int) -> None:
+    """Until the running sync has committed at least this many documents."""
+    deadline = time.monotonic() + 240
+    while folder.store.document_count("handbook") < documents:
+        assert run.poll() is None, run.stdout.read()
+        assert time.monotonic() < deadline, "the sync never committed a batch"
+        time.sleep(0.05)
+
+
 def test_a_run_killed_between_batches_resumes_to_the_exact_index(
     tmp_path, collection, weaviate_client, monkeypatch
 ) -> None:
     folder = FolderSource(tmp_path, collection, weaviate_client, monkeypatch, batch_size=2)
     _many_documents(folder, 40)
     run = _start_cli_sync(folder)
-    deadline = time.monotonic() + 240
-    while folder.store.document_count("handbook") < 4:
-        assert run.poll() is None, run.stdout.read()
-        assert time.monotonic() < deadline, "the first run never committed a batch"
-        time.sleep(0.05)
+    _wait_until_committed(folder, run, 4)
     os.kill(run.pid, signal.SIGKILL)
     run.wait()
     committed = folder.store.document_count("handbook")
@@ -208,11 +213,7 @@ def test_two_concurrent_syncs_of_one_source_do_not_both_run(
     folder = FolderSource(tmp_path, collection, weaviate_client, monkeypatch, batch_size=2)
     _many_documents(folder, 30)
     first = _start_cli_sync(folder)
-    deadline = time.monotonic() + 240
-    while folder.store.document_count("handbook") == 0:
-        assert first.poll() is None, first.stdout.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _wait_until_committed(folder, first, 1)
 
     second = sync_source("handbook", return_state=True)
     assert second.is_cancelled()
