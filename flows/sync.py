@@ -26,6 +26,9 @@ chunk_documents = task(name="chunk_documents", cache_policy=NO_CACHE)(ingest.chu
 embed_chunks = task(name="embed_chunks", cache_policy=NO_CACHE)(ingest.embed_chunks)
 index_chunks = task(name="index_chunks", **_stage)(ingest.index_chunks)
 commit_batch = task(name="commit_batch", **_stage)(ingest.commit_batch)
+check_batch_quality = task(name="check_batch_quality", cache_policy=NO_CACHE)(
+    ingest.check_batch_quality)
+check_deletions = task(name="check_deletions", cache_policy=NO_CACHE)(ingest.check_deletions)
 
 
 @task(name="publish_summary", cache_policy=NO_CACHE)
@@ -36,27 +39,50 @@ def publish_summary(summary: dict) -> dict:
 
 
 @flow(name="sync-source", log_prints=True)
-def sync_source(source: str, full: bool = False) -> dict | State:
+def sync_source(source: str, full: bool = False, allow_mass_delete: bool = False) -> dict | State:
     """Sync one configured source into Weaviate; one run per source at a time."""
     try:
-        ctx = open_sync(get_settings(), source, full, flow_run.id)
+        ctx = opaque(open_sync(get_settings(), source, full, flow_run.id))
     except SourceBusy as busy:
         return Cancelled(message=str(busy))
-    summary, writing = ingest.SyncSummary(source), None
+    summary, deletions = ingest.SyncSummary(source), ingest.HeldDeletions()
+    writes = _Writes(ctx, summary)
     try:
-        for batch in ingest.list_pages(ctx):
-            for stage in (fetch_documents, parse_documents, chunk_documents, embed_chunks):
-                batch = stage(opaque(ctx), opaque(batch)) if batch.changes else batch
-            # Batch N is indexed and committed while batch N+1 is prepared; commits stay in order.
-            if writing:
-                summary.add(writing.result())
-            written = index_chunks.submit(opaque(ctx), opaque(batch))
-            writing = commit_batch.submit(opaque(ctx), opaque(written))
-        if writing:
-            summary.add(writing.result())
+        for batch in ingest.list_pages(ctx.unwrap()):
+            batch = deletions.hold(batch)
+            for stage in (fetch_documents, parse_documents, check_batch_quality,
+                          chunk_documents, embed_chunks):
+                batch = stage(ctx, opaque(batch)) if batch.changes else batch
+            writes.submit(batch)
+        writes.finish()
+        check_deletions(ctx, len(deletions), allow_mass_delete)
+        for batch in deletions.batches(ctx.unwrap().source.batch_size):
+            writes.submit(batch)
+        writes.finish()
     except BaseException as error:
-        if writing:
-            wait([writing])  # never release the lock under a write still in flight
-        ingest.close_sync(ctx, summary, "failed", f"{type(error).__name__}: {error}")
+        writes.drain()  # never release the lock under a write still in flight
+        publish_summary(ingest.close_sync(ctx.unwrap(), summary, "failed",
+                                          f"{type(error).__name__}: {error}"))
         raise
-    return publish_summary(ingest.close_sync(ctx, summary, "completed"))
+    return publish_summary(ingest.close_sync(ctx.unwrap(), summary, "completed"))
+
+
+class _Writes:
+    """Batch N is indexed and committed while batch N+1 is prepared; commits stay in order."""
+
+    def __init__(self, ctx: opaque, summary: ingest.SyncSummary) -> None:
+        self.ctx, self.summary, self.pending = ctx, summary, None
+
+    def submit(self, batch: ingest.Batch) -> None:
+        self.finish()
+        indexed = index_chunks.submit(self.ctx, opaque(batch))
+        self.pending = commit_batch.submit(self.ctx, opaque(indexed))
+
+    def finish(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self.summary.add(pending.result())
+
+    def drain(self) -> None:
+        if self.pending is not None:
+            wait([self.pending])

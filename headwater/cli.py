@@ -77,7 +77,7 @@ def build() -> None:
 def demo() -> None:
     """The main job: bring the stack up and sync the demo corpus into the index."""
     up()
-    sync("demo", full=False)
+    sync("demo", full=False, allow_mass_delete=False)
     typer.echo(f"\nPrefect UI (run history, artifacts): "
                f"{get_settings().prefect_api_url.removesuffix('/api')}")
 
@@ -86,12 +86,14 @@ def demo() -> None:
 def sync(
     source: str = typer.Argument(..., help="A source named in the sources file."),
     full: bool = typer.Option(False, "--full", help="Re-read every document, not only changes."),
+    allow_mass_delete: bool = typer.Option(
+        False, "--allow-mass-delete", help="Apply deletions even past the source's guard."),
 ) -> None:
     """Sync one source into the index and print what changed."""
     from flows.sync import sync_source
     from tasks.ingest import summary_markdown
 
-    state = sync_source(source, full, return_state=True)
+    state = sync_source(source, full, allow_mass_delete, return_state=True)
     if state.is_cancelled():
         typer.echo(f"skipped: {state.message}", err=True)
         raise typer.Exit(2)

@@ -43,6 +43,21 @@ class Schedule(BaseModel):
     interval_s: int | None = None
 
 
+class QualityThresholds(BaseModel):
+    """Batch-level limits past which a sync stops before it damages a good index."""
+
+    max_failed_share: float = Field(
+        default=0.2, ge=0, le=1,
+        description="A batch in which more documents than this fail to parse stops the run.")
+    min_batch_for_failed_share: int = Field(
+        default=5, ge=1, description="Smaller batches are judged per document only.")
+    max_delete_share: float = Field(
+        default=0.5, ge=0, le=1,
+        description="A run that would delete more of the source's index than this stops.")
+    min_indexed_for_delete_guard: int = Field(
+        default=10, ge=0, description="Sources this small may delete freely.")
+
+
 class SourceConfig(BaseModel):
     """One source: a name, a connector type, its parameters, schedule, policy and readers."""
 
@@ -56,6 +71,7 @@ class SourceConfig(BaseModel):
     # Documents per batch: big enough that per-task overhead and padding stay small.
     batch_size: int = Field(default=128, ge=1, le=1000)
     max_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+    quality: QualityThresholds = Field(default_factory=QualityThresholds)
     base_dir: Path = Field(default=Path("."), exclude=True)
 
     @field_validator("params")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from weaviate.exceptions import WeaviateBaseError
 from connectors import open_connector
 from connectors.base import Change, ChangeKind, ChangePage, Connector
 from headwater.config import SourceConfig, source_config
-from headwater.errors import IndexWriteError, SourceError
+from headwater.errors import IndexWriteError, QualityGateFailed, SourceError
 from headwater.records import Chunk, SourceDocument
 from headwater.settings import Settings
 from headwater.state import KnownDocument, StateStore
@@ -118,6 +119,35 @@ class SyncSummary:
         }.items()}
 
 
+@dataclass
+class HeldDeletions:
+    """Deletions wait until the listing is complete, so the mass-delete guard sees them all.
+
+    A source's cursor must not move past a deletion that is not applied yet: from the first held
+    deletion on, cursors are held too, and the newest is committed with the last deletion.
+    """
+
+    changes: list[Change] = field(default_factory=list)
+    cursor: dict | None = None
+
+    def hold(self, batch: Batch) -> Batch:
+        gone = batch.of_kind(ChangeKind.DELETED)
+        if gone or self.changes:
+            self.changes += gone
+            batch.changes = [c for c in batch.changes if c.kind is not ChangeKind.DELETED]
+            if batch.cursor is not None:
+                self.cursor, batch.cursor = batch.cursor, None
+        return batch
+
+    def batches(self, size: int) -> Iterator[Batch]:
+        for start in range(0, len(self.changes), size):
+            last = start + size >= len(self.changes)
+            yield Batch(self.changes[start : start + size], self.cursor if last else None)
+
+    def __len__(self) -> int:
+        return len(self.changes)
+
+
 @contextmanager
 def _timed(batch: Batch, stage: str) -> Iterator[None]:
     started = time.perf_counter()
@@ -205,6 +235,38 @@ def parse_documents(ctx: SyncContext, batch: Batch) -> Batch:
         # Bytes are not needed past this point; let them go before embedding.
         batch.documents = []
     return batch
+
+
+def check_batch_quality(ctx: SyncContext, batch: Batch) -> Batch:
+    """Stop the run before this batch is written if too many of its documents failed."""
+    limits = ctx.source.quality
+    attempted = len(batch.of_kind(ChangeKind.ADDED, ChangeKind.MODIFIED))
+    failed = len(batch.rejected)
+    if attempted >= limits.min_batch_for_failed_share and failed / attempted > (
+            limits.max_failed_share):
+        reasons = Counter(r.reason.split(":")[0] for r in batch.rejected).most_common(3)
+        raise QualityGateFailed(
+            f"{failed} of {attempted} documents in a batch failed "
+            f"({failed / attempted:.0%}, the limit is {limits.max_failed_share:.0%}); nothing "
+            f"of it was written. Most common: " + "; ".join(f"{r} ({n})" for r, n in reasons),
+        )
+    return batch
+
+
+def check_deletions(ctx: SyncContext, deleted: int, allow_mass_delete: bool) -> None:
+    """Stop before deleting most of a source's index: an emptied or broken source looks the
+    same as a mass deletion, and only a person can tell them apart."""
+    limits = ctx.source.quality
+    indexed = sum(1 for k in ctx.known.values() if not k.quarantined)
+    if allow_mass_delete or indexed < limits.min_indexed_for_delete_guard or not deleted:
+        return
+    if deleted / indexed > limits.max_delete_share:
+        raise QualityGateFailed(
+            f"the sync would delete {deleted} of the {indexed} indexed documents of "
+            f"{ctx.source.name!r} ({deleted / indexed:.0%}, the limit is "
+            f"{limits.max_delete_share:.0%}); nothing was deleted. If the source really lost "
+            "them, run again with --allow-mass-delete.",
+        )
 
 
 def chunk_documents(ctx: SyncContext, batch: Batch) -> Batch:

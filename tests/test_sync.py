@@ -16,6 +16,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from weaviate.classes.query import Filter
 
 from flows.sync import sync_source
+from headwater.errors import QualityGateFailed
 
 HEADWATER = str(Path(sys.executable).parent / "headwater")
 
@@ -121,6 +122,9 @@ def test_bad_files_are_quarantined_with_a_reason_while_the_rest_index(
     folder: FolderSource,
 ) -> None:
     _corpus(folder)
+    notes = [f"notes/note-{i:02}.txt" for i in range(12)]
+    for note in notes:  # enough good documents that four bad ones stay under the batch limit
+        folder.write(note, f"Meeting note {note}: the pump order was approved.")
     folder.write("broken.pdf", b"%PDF-1.7\n1 0 obj << /Type /Catalog >>\ngarbage without xref")
     folder.write("empty.txt", b"")
     folder.write("blob.txt", bytes(range(256)) * 64)
@@ -128,8 +132,9 @@ def test_bad_files_are_quarantined_with_a_reason_while_the_rest_index(
         handle.truncate(200 * 1024 * 1024)  # sparse: 200 MB without writing them
 
     summary = folder.sync()
-    assert summary["new"] == 4 and summary["quarantined"] == 4
-    assert sorted(folder.index()) == ["about.html", "hr/salaries.csv", "leave.md", "vpn.txt"]
+    assert summary["new"] == 16 and summary["quarantined"] == 4
+    assert sorted(folder.index()) == sorted(
+        ["about.html", "hr/salaries.csv", "leave.md", "vpn.txt", *notes])
     reasons = {q.doc_id: q.reason for q in folder.store.quarantined("handbook")}
     assert reasons["broken.pdf"].startswith("corrupt PDF")
     assert reasons["empty.txt"] == "empty file (0 bytes)"
@@ -234,3 +239,53 @@ def test_a_postgresql_state_store_gives_the_same_index(
     summary = folder.sync()
     assert (summary["changed"], summary["deleted"], summary["embedded"]) == (1, 1, 1)
     assert sorted(folder.index()) == ["about.html", "hr/salaries.csv", "leave.md"]
+
+
+def test_a_batch_that_mostly_fails_to_parse_stops_the_run_and_writes_nothing(
+    folder: FolderSource,
+) -> None:
+    for i in range(8):
+        folder.write(f"policy-{i}.md", f"# Policy {i}\n\nRule number {i} applies to everyone.\n")
+    folder.sync()
+    before, contents = folder.update_times(), folder.index()
+    for i in range(8):  # a broken export: every file now holds no text
+        folder.write(f"policy-{i}.md", "   \n\n   \n")
+
+    state = sync_source("handbook", return_state=True)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, QualityGateFailed)
+    assert "8 of 8 documents in a batch failed" in error.user_message
+    assert folder.update_times() == before and folder.index() == contents
+
+
+def test_an_emptied_source_does_not_wipe_the_index_unless_allowed(folder: FolderSource) -> None:
+    for i in range(40):
+        folder.write(f"doc-{i:02}.txt", f"Document number {i} about pump maintenance.")
+    folder.sync()
+    for path in folder.docs.iterdir():
+        path.unlink()
+
+    state = sync_source("handbook", return_state=True)
+    assert state.is_failed()
+    assert "would delete 40 of the 40 indexed documents" in str(
+        state.result(raise_on_failure=False))
+    assert len(folder.index()) == 40 and folder.store.document_count("handbook") == 40
+
+    refused = subprocess.run([HEADWATER, "sync", "handbook"], capture_output=True, text=True,
+                             env={**os.environ, **folder.env})
+    assert refused.returncode == 1 and "--allow-mass-delete" in refused.stderr
+
+    state = sync_source("handbook", allow_mass_delete=True, return_state=True)
+    assert state.is_completed() and state.result()["deleted"] == 40
+    assert folder.index() == {} and folder.store.document_count("handbook") == 0
+
+
+def test_a_few_deletions_pass_the_guard(folder: FolderSource) -> None:
+    for i in range(20):
+        folder.write(f"doc-{i:02}.txt", f"Document number {i} about pump maintenance.")
+    folder.sync()
+    for i in range(5):
+        (folder.docs / f"doc-{i:02}.txt").unlink()
+    assert folder.sync()["deleted"] == 5
+    assert len(folder.index()) == 15
