@@ -9,8 +9,9 @@ from headwater.config import ConfigError, SourceConfig
 def open_connector(config: SourceConfig) -> Connector:
     """The connector for a configured source."""
     from connectors.filesystem import FolderConnector
+    from connectors.s3 import S3Connector
 
-    kinds: dict[str, type] = {"folder": FolderConnector}
+    kinds: dict[str, type] = {"folder": FolderConnector, "s3": S3Connector}
     if config.type not in kinds:
         raise ConfigError(
             f"source {config.name!r} has unknown type {config.type!r}; known: {sorted(kinds)}"

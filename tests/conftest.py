@@ -210,3 +210,17 @@ def folder(tmp_path, collection, weaviate_client, monkeypatch) -> Iterator[Folde
     source = FolderSource(tmp_path, collection, weaviate_client, monkeypatch)
     yield source
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 in server mode on loopback, reached by the real boto3 client over HTTP."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
