@@ -11,6 +11,8 @@ from headwater.errors import HeadwaterError
 from headwater.settings import get_settings, settings_table
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+sources_app = typer.Typer(no_args_is_help=True, help="The sources declared in headwater.yaml.")
+app.add_typer(sources_app, name="sources")
 
 
 def _fail(error: HeadwaterError) -> None:
@@ -165,6 +167,37 @@ def ask(
     for source in response.sources:
         typer.echo(f"[{source.n}] {source.title} ({source.source}: {source.doc_id})")
     typer.echo(f"\nanswered by {response.answered_by} in {response.processing_time_ms:.0f} ms")
+
+
+@sources_app.command("list")
+def sources_list() -> None:
+    """Each source with its type and schedule."""
+    from headwater.config import load_sources
+
+    try:
+        found = load_sources(get_settings().config)
+    except HeadwaterError as error:
+        _fail(error)
+    for source in found.values():
+        schedule = source.schedule.model_dump(exclude_none=True) if source.schedule else "manual"
+        typer.echo(f"{source.name:<20}{source.type:<12}{schedule}")
+
+
+@sources_app.command("test")
+def sources_test(
+    name: str = typer.Argument(..., help="A source named in the sources file."),
+) -> None:
+    """Check that a source can be reached and read; one line says what is wrong if not."""
+    from connectors import open_connector
+    from headwater.config import source_config
+
+    try:
+        check = open_connector(source_config(get_settings().config, name)).test_connection()
+    except HeadwaterError as error:
+        _fail(error)
+    typer.echo(f"{name}: {'ok' if check.ok else 'FAILED'}: {check.message}")
+    if not check.ok:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -77,3 +77,24 @@ def test_a_missing_bucket_fails_the_sync_in_one_clear_line(
     assert error.user_message == "source 'wiki': bucket no-such-bucket does not exist"
     # It stopped before touching the index: the collection was not even created.
     assert not weaviate_client.collections.exists(collection)
+
+
+def test_sources_test_names_the_problem_in_one_line(bucket_source) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, bucket, config, _ = bucket_source
+    headwater = str(Path(sys.executable).parent / "headwater")
+    ok = subprocess.run([headwater, "sources", "test", "wiki"], capture_output=True, text=True,
+                        env=dict(os.environ))
+    assert ok.returncode == 0 and ok.stdout.strip() == f"wiki: ok: bucket {bucket} is readable"
+    config.write_text(config.read_text().replace(bucket, "no-such-bucket"))
+    broken = subprocess.run([headwater, "sources", "test", "wiki"], capture_output=True,
+                            text=True, env=dict(os.environ))
+    assert broken.returncode == 1
+    assert broken.stdout.strip() == "wiki: FAILED: bucket no-such-bucket does not exist"
+    listed = subprocess.run([headwater, "sources", "list"], capture_output=True, text=True,
+                            env=dict(os.environ))
+    assert listed.stdout.split()[:3] == ["wiki", "s3", "manual"]
