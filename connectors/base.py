@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
@@ -67,3 +67,37 @@ class Connector(Protocol):
     ) -> Iterator[ChangePage]: ...
 
     def fetch(self, change: Change) -> SourceDocument: ...
+
+
+def listing_pages(
+    listing: Iterable[tuple[str, Change | None]],
+    known: Mapping[str, KnownDocument],
+    page_size: int,
+) -> Iterator[ChangePage]:
+    """Pages of changes for a source that can only list what it has (a folder, a bucket).
+
+    `listing` gives every document id present with its change, or None when unchanged; what the
+    index holds that the listing never named was deleted.
+    """
+    seen: set[str] = set()
+    page = ChangePage(changes=[])
+
+    def full() -> bool:
+        return len(page.changes) >= page_size
+
+    for doc_id, change in listing:
+        seen.add(doc_id)
+        if change is None:
+            page.unchanged += 1
+            continue
+        page.changes.append(change)
+        if full():
+            yield page
+            page = ChangePage(changes=[])
+    for doc_id in sorted(set(known) - seen):
+        page.changes.append(Change(doc_id, ChangeKind.DELETED))
+        if full():
+            yield page
+            page = ChangePage(changes=[])
+    if page.changes or page.unchanged:
+        yield page

@@ -9,7 +9,14 @@ from datetime import UTC, datetime
 from fnmatch import fnmatch
 from pathlib import Path
 
-from connectors.base import Change, ChangeKind, ChangePage, ConnectionCheck, Cursor
+from connectors.base import (
+    Change,
+    ChangeKind,
+    ChangePage,
+    ConnectionCheck,
+    Cursor,
+    listing_pages,
+)
 from headwater.config import SourceConfig
 from headwater.records import SourceDocument
 from headwater.state import KnownDocument
@@ -74,26 +81,9 @@ class FolderConnector:
             from headwater.errors import SourceError
 
             raise SourceError(f"folder {self.root} does not exist")
-        seen: set[str] = set()
-        page = ChangePage(changes=[])
-        for rel, path in self._files():
-            seen.add(rel)
-            change = self._compare(rel, path, known.get(rel))
-            if change is None:
-                page.unchanged += 1
-                continue
-            page.changes.append(change)
-            if len(page.changes) >= self.page_size:
-                yield page
-                page = ChangePage(changes=[])
+        listing = ((rel, self._compare(rel, path, known.get(rel))) for rel, path in self._files())
         # A folder cannot report deletions: whatever the index holds that is gone was deleted.
-        for doc_id in sorted(set(known) - seen):
-            page.changes.append(Change(doc_id, ChangeKind.DELETED))
-            if len(page.changes) >= self.page_size:
-                yield page
-                page = ChangePage(changes=[])
-        if page.changes or page.unchanged:
-            yield page
+        yield from listing_pages(listing, known, self.page_size)
 
     def _compare(self, rel: str, path: Path, known: KnownDocument | None) -> Change | None:
         stat = path.stat()

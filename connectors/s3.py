@@ -9,7 +9,14 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
-from connectors.base import Change, ChangeKind, ChangePage, ConnectionCheck, Cursor
+from connectors.base import (
+    Change,
+    ChangeKind,
+    ChangePage,
+    ConnectionCheck,
+    Cursor,
+    listing_pages,
+)
 from headwater.config import SourceConfig
 from headwater.errors import HeadwaterError, SourceError, TransientError
 from headwater.records import SourceDocument
@@ -82,34 +89,20 @@ class S3Connector:
     def list_changes(
         self, cursor: Cursor | None, known: Mapping[str, KnownDocument]
     ) -> Iterator[ChangePage]:
-        seen: set[str] = set()
-        page = ChangePage(changes=[])
+        yield from listing_pages(self._listing(known), known, self.page_size)
+
+    def _listing(
+        self, known: Mapping[str, KnownDocument]
+    ) -> Iterator[tuple[str, Change | None]]:
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for listing in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix,
                                               PaginationConfig={"PageSize": 1000}):
                 for obj in listing.get("Contents", []):
-                    key = obj["Key"]
-                    if key.endswith("/"):
-                        continue  # a folder marker, not a document
-                    seen.add(key)
-                    change = self._compare(obj, known.get(key))
-                    if change is None:
-                        page.unchanged += 1
-                        continue
-                    page.changes.append(change)
-                    if len(page.changes) >= self.page_size:
-                        yield page
-                        page = ChangePage(changes=[])
+                    if not obj["Key"].endswith("/"):  # a folder marker is not a document
+                        yield obj["Key"], self._compare(obj, known.get(obj["Key"]))
         except (ClientError, BotoCoreError) as error:
             raise self._explain(error) from error
-        for key in sorted(set(known) - seen):
-            page.changes.append(Change(key, ChangeKind.DELETED))
-            if len(page.changes) >= self.page_size:
-                yield page
-                page = ChangePage(changes=[])
-        if page.changes or page.unchanged:
-            yield page
 
     def _compare(self, obj: dict[str, Any], known: KnownDocument | None) -> Change | None:
         key = obj["Key"]

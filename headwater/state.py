@@ -359,11 +359,6 @@ class StateStore:
                 for r in s.execute(query).scalars()
             ]
 
-    def clear_quarantine(self, source: str, doc_ids: Iterable[str]) -> None:
-        with self.session() as s:
-            s.execute(delete(QuarantineRow).where(QuarantineRow.source == source,
-                                                  QuarantineRow.doc_id.in_(list(doc_ids))))
-
     # -- audit trail -------------------------------------------------------------------------
 
     def append_audit(self, actor: str, action: str, resource: str, outcome: str,
@@ -419,9 +414,6 @@ class StateStore:
             for text_hash, vector in vectors.items():
                 s.merge(EmbeddingRow(model=model, text_hash=text_hash, vector=vector))
 
-
-def summary_json(summary: dict) -> str:
-    return json.dumps(summary, default=str, sort_keys=True)
 
 
 class AuditWriter:

@@ -216,7 +216,8 @@ def test_two_concurrent_syncs_of_one_source_do_not_both_run(
     tmp_path, collection, weaviate_client, monkeypatch
 ) -> None:
     folder = FolderSource(tmp_path, collection, weaviate_client, monkeypatch, batch_size=2)
-    _many_documents(folder, 30)
+    # Enough batches that the first run is still going when the second one starts.
+    _many_documents(folder, 150)
     first = _start_cli_sync(folder)
     _wait_until_committed(folder, first, 1)
 
@@ -224,7 +225,7 @@ def test_two_concurrent_syncs_of_one_source_do_not_both_run(
     assert second.is_cancelled()
     assert "already being synced" in second.message
     assert first.wait(timeout=240) == 0, first.stdout.read()
-    assert folder.store.document_count("handbook") == 30
+    assert folder.store.document_count("handbook") == 150
 
 
 def test_a_postgresql_state_store_gives_the_same_index(
