@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from headwater.errors import TransientError
 from headwater.records import SourceDocument
 from headwater.state import KnownDocument
 
 # A cursor is whatever a source needs to resume (a change token, a timestamp, a key): it must
 # survive json.dumps, because the state store keeps it between runs.
 Cursor = dict[str, Any]
+T = TypeVar("T")
 
 
 class ChangeKind(StrEnum):
@@ -101,3 +106,58 @@ def listing_pages(
             page = ChangePage(changes=[])
     if page.changes or page.unchanged:
         yield page
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A throttled or briefly unavailable source: try again, after `after` seconds if it said."""
+
+    after: float | None = None
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a `Retry-After` header asks for: a number, or an HTTP date (RFC 9110)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How a connector waits out throttling (429/503): the server's Retry-After when it gives
+    one, else exponential backoff with full jitter; never more than `cap_s` per wait and
+    `attempts` tries, after which the run's own retry (a Prefect task retry) takes over."""
+
+    attempts: int = 6
+    base_s: float = 0.5
+    cap_s: float = 60.0
+    sleep: Callable[[float], None] = time.sleep
+
+    def delay(self, attempt: int, retry: Retry) -> float:
+        if retry.after is not None:
+            return min(retry.after, self.cap_s)
+        return random.uniform(0, min(self.cap_s, self.base_s * 2**attempt))
+
+    def run(self, operation: Callable[[], T], classify: Callable[[Exception], Retry | None],
+            describe: str = "the source") -> T:
+        """`operation()`, retried while `classify` says its error is transient."""
+        for attempt in range(self.attempts):
+            try:
+                return operation()
+            except Exception as error:  # classified below; anything else propagates
+                retry = classify(error)
+                if retry is None:
+                    raise
+                if attempt == self.attempts - 1:
+                    raise TransientError(
+                        f"{describe} is still throttling or unavailable after "
+                        f"{self.attempts} tries", repr(error)) from error
+                self.sleep(self.delay(attempt, retry))
+        raise AssertionError("unreachable")
