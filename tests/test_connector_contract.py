@@ -1,4 +1,11 @@
-"""The connector contract: every source connector passes these same specifications."""
+"""The connector contract: every source connector passes these same specifications.
+
+A source fixture gives: `config(**overrides)`, `put(key, body)` (a key under "hr/" is readable
+by group:hr only, anything else by group:staff), `remove(key)`, `doc_id(key)`,
+`restrict(key, principals) -> SourceConfig` (the readers of one document change in the source, or
+in the configuration for sources whose readers are configured), `mime(key)` (what `fetch` reports)
+and `broken()` (a config naming something that does not exist).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from connectors import open_connector
 from connectors.base import ChangeKind, Connector
 from headwater.config import SourceConfig
 from headwater.state import KnownDocument
+from tasks.parse import mime_for
 
 READERS = {"principals": {"": ["group:staff"], "hr/": ["group:hr"]}}
 
@@ -36,6 +44,12 @@ class FolderFixture:
 
     def doc_id(self, key: str) -> str:
         return key
+
+    def restrict(self, key: str, principals: list[str]) -> SourceConfig:
+        return self.config(principals={**READERS["principals"], key: principals})
+
+    def mime(self, key: str) -> str:
+        return mime_for(key)
 
     def broken(self) -> SourceConfig:
         return SourceConfig(name="contract", type="folder",
@@ -67,6 +81,12 @@ class BucketFixture:
 
     def doc_id(self, key: str) -> str:
         return f"docs/{key}"
+
+    def restrict(self, key: str, principals: list[str]) -> SourceConfig:
+        return self.config(principals={**READERS["principals"], key: principals})
+
+    def mime(self, key: str) -> str:
+        return mime_for(key)
 
     def broken(self) -> SourceConfig:
         return SourceConfig(name="contract", type="s3", params=self.params("no-such-bucket"))
@@ -127,7 +147,7 @@ def test_changes_and_deletions_are_reported(source) -> None:
 def test_a_permission_change_is_reported_without_a_content_change(source) -> None:
     source.put("a.md", b"alpha")
     known = _known(_listing(open_connector(source.config())))
-    stricter = source.config(principals={"": ["group:hr"]})
+    stricter = source.restrict("a.md", ["group:hr"])
     (change,) = _listing(open_connector(stricter), known).values()
     assert change.kind is ChangeKind.PERMISSIONS and change.principals == ("group:hr",)
 
@@ -138,7 +158,7 @@ def test_fetch_returns_the_document_with_its_readers(source) -> None:
     (change,) = _listing(connector).values()
     document = connector.fetch(change)
     assert document.content == b"# Pay\n\nBands are reviewed in March."
-    assert document.mime_type == "text/markdown"
+    assert document.mime_type == source.mime("hr/pay.md")
     assert document.principals == ["group:hr"] and document.source == "contract"
     assert document.version == change.version and document.modified is not None
 
