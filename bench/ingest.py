@@ -166,6 +166,8 @@ def main() -> None:
         "sync_chunks_per_s": round(first["chunks_written"] / first_s, 1),
         "pipeline_to_raw_encode": round(raw_s / first_s, 3),
         "stage_seconds": first["seconds"],
+        # Both suites on every batch (Great Expectations), as a share of the whole sync.
+        "validation_share_of_sync": round(first["seconds"]["validate"] / first_s, 4),
         "no_change_resync_seconds": round(second_s, 2),
         "no_change_resync_fraction": round(second_s / first_s, 4),
         "no_change_resync_embedded": second["embedded"],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.runtime import flow_run
@@ -26,15 +26,26 @@ chunk_documents = task(name="chunk_documents", cache_policy=NO_CACHE)(ingest.chu
 embed_chunks = task(name="embed_chunks", cache_policy=NO_CACHE)(ingest.embed_chunks)
 index_chunks = task(name="index_chunks", **_stage)(ingest.index_chunks)
 commit_batch = task(name="commit_batch", **_stage)(ingest.commit_batch)
-check_batch_quality = task(name="check_batch_quality", cache_policy=NO_CACHE)(
-    ingest.check_batch_quality)
+validate_documents = task(name="validate_documents", cache_policy=NO_CACHE)(
+    ingest.validate_documents)
+validate_chunks = task(name="validate_chunks", cache_policy=NO_CACHE)(ingest.validate_chunks)
 check_deletions = task(name="check_deletions", cache_policy=NO_CACHE)(ingest.check_deletions)
+
+
+def _key(prefix: str, source: str) -> str:
+    # Artifact keys allow lowercase letters, digits and dashes; source names also allow "_".
+    return f"{prefix}-{source.replace('_', '-')}"
 
 
 @task(name="publish_summary", cache_policy=NO_CACHE)
 def publish_summary(summary: dict) -> dict:
-    create_markdown_artifact(key=f"sync-{summary['source']}", markdown=ingest.summary_markdown(
+    create_markdown_artifact(key=_key("sync", summary["source"]), markdown=ingest.summary_markdown(
         summary), description=f"Sync of {summary['source']}")
+    if summary["quality"]:
+        create_table_artifact(key=_key("quality", summary["source"]), table=summary["quality"],
+                              description=f"Expectations checked by the sync of "
+                                          f"{summary['source']} ({summary['status']}); data "
+                                          f"docs: {summary['data_docs']}")
     return summary
 
 
@@ -50,7 +61,7 @@ def sync_source(source: str, full: bool = False, allow_mass_delete: bool = False
     try:
         for batch in ingest.list_pages(ctx.unwrap()):
             batch = deletions.hold(batch)
-            for stage in (fetch_documents, parse_documents, check_batch_quality,
+            for stage in (fetch_documents, parse_documents, validate_documents,
                           chunk_documents, embed_chunks):
                 batch = stage(ctx, opaque(batch)) if batch.changes else batch
             writes.submit(batch)
@@ -68,14 +79,16 @@ def sync_source(source: str, full: bool = False, allow_mass_delete: bool = False
 
 
 class _Writes:
-    """Batch N is indexed and committed while batch N+1 is prepared; commits stay in order."""
+    """Batch N is validated, indexed and committed while batch N+1 is prepared; commits stay
+    in order, and a batch that fails validation is never written."""
 
     def __init__(self, ctx: opaque, summary: ingest.SyncSummary) -> None:
         self.ctx, self.summary, self.pending = ctx, summary, None
 
     def submit(self, batch: ingest.Batch) -> None:
         self.finish()
-        indexed = index_chunks.submit(self.ctx, opaque(batch))
+        validated = validate_chunks.submit(self.ctx, opaque(batch))
+        indexed = index_chunks.submit(self.ctx, opaque(validated))
         self.pending = commit_batch.submit(self.ctx, opaque(indexed))
 
     def finish(self) -> None:

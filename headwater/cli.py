@@ -13,6 +13,8 @@ from headwater.settings import get_settings, settings_table
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 sources_app = typer.Typer(no_args_is_help=True, help="The sources declared in headwater.yaml.")
 app.add_typer(sources_app, name="sources")
+quality_app = typer.Typer(no_args_is_help=True, help="Data quality gates (Great Expectations).")
+app.add_typer(quality_app, name="quality")
 
 
 def _fail(error: HeadwaterError) -> None:
@@ -120,6 +122,34 @@ def quarantine(source: str | None = typer.Option(None, help="Only this source.")
     for r in rows:
         typer.echo(f"{r.source:<14}{r.doc_id:<40}{r.stage:<8}{r.attempts:<6}"
                    f"{r.last_seen:%Y-%m-%d %H:%M:%S}  {r.reason}")
+
+
+@quality_app.command("report")
+def quality_report(
+    run: str | None = typer.Option(None, "--run", help="A sync run id (default: the last)."),
+    source: str | None = typer.Option(None, help="The last run of this source."),
+) -> None:
+    """Print every expectation a sync run checked, with what it observed."""
+    from headwater.state import StateStore
+    from tasks.ingest import quality_markdown
+
+    found = StateStore(get_settings().resolved_state_db_url).finished_run(run, source)
+    if found is None:
+        typer.echo("no finished sync run" + (f" with id {run}" if run else "")
+                   + (f" of {source!r}" if source else ""), err=True)
+        raise typer.Exit(1)
+    rows = found.summary.get("quality") or []
+    failed = [r for r in rows if r["result"] != "pass"]
+    typer.echo(f"# Quality of the sync of `{found.source}` ({found.status}), run {found.id}, "
+               f"finished {found.finished_at:%Y-%m-%d %H:%M:%S}")
+    typer.echo("")
+    typer.echo("\n".join(quality_markdown(rows)) if rows else "no batch reached validation")
+    typer.echo("")
+    typer.echo(f"{len(rows) - len(failed)} of {len(rows)} expectations passed"
+               + (f"; data docs: {found.summary['data_docs']}"
+                  if found.summary.get("data_docs") else ""))
+    if found.summary.get("message"):
+        typer.echo(found.summary["message"])
 
 
 @app.command()

@@ -5,10 +5,17 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from headwater.errors import HeadwaterError
 
@@ -56,6 +63,79 @@ class QualityThresholds(BaseModel):
         description="A run that would delete more of the source's index than this stops.")
     min_indexed_for_delete_guard: int = Field(
         default=10, ge=0, description="Sources this small may delete freely.")
+    # Row-level expectations (expectations/*.json): a document that breaks one is quarantined.
+    min_document_chars: int = Field(
+        default=1, ge=0, description="A parsed document with less text is rejected.")
+    max_document_chars: int = Field(
+        default=5_000_000, ge=1, description="A parsed document with more text is rejected.")
+    min_printable_ratio: float = Field(
+        default=0.95, ge=0, le=1,
+        description="Share of characters that must not be control or replacement characters.")
+    max_residual_pii_score: float = Field(
+        default=0.5, ge=0, le=1,
+        description="With a policy, chunks with personal data scored above this are rejected.")
+
+
+class Throttling(BaseModel):
+    """How long a connector waits out a throttling or briefly unavailable source (429/503):
+    the server's Retry-After when given, else exponential backoff with full jitter."""
+
+    attempts: int = Field(default=6, ge=1, description="Tries per request before giving up.")
+    base_s: float = Field(default=0.5, gt=0, description="First backoff without Retry-After.")
+    cap_s: float = Field(default=60.0, gt=0, description="The longest single wait.")
+
+
+# Least to most strict: when frameworks disagree about an entity type, the stricter one wins.
+Action = Literal["keep", "mask", "encrypt", "hash", "redact"]
+Classification = Literal["public", "internal", "confidential", "restricted"]
+
+
+class PatternSpec(BaseModel):
+    """One regular expression of a custom recognizer, with the confidence a match earns."""
+
+    regex: str
+    score: float = Field(default=0.6, gt=0, le=1)
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, regex: str) -> str:
+        try:
+            re.compile(regex)
+        except re.error as error:
+            raise ValueError(f"regex {regex!r} does not compile: {error}") from error
+        return regex
+
+
+class CustomRecognizer(BaseModel):
+    """A source's own kind of personal data: patterns (raised by context words), a deny list."""
+
+    entity: str = Field(pattern=r"^[A-Z][A-Z0-9_]*$")
+    patterns: list[PatternSpec] = Field(default_factory=list)
+    context: list[str] = Field(default_factory=list)
+    deny_list: list[str] = Field(default_factory=list)
+    classification: Classification = "confidential"
+
+    @model_validator(mode="after")
+    def _finds_something(self) -> CustomRecognizer:
+        if not (self.patterns or self.deny_list):
+            raise ValueError(f"recognizer {self.entity} needs `patterns` or a `deny_list`")
+        return self
+
+
+class Compliance(BaseModel):
+    """How a source's `policy` applies: per-entity overrides, own recognizers, keys, default
+    classification. The subject-index and hash key is process-wide: HEADWATER_SUBJECT_KEY."""
+
+    classification: Classification = Field(
+        default="internal", description="The least a document of this source is classified.")
+    actions: dict[str, Action] = Field(
+        default_factory=dict, description="Entity type -> action, over the frameworks' choice.")
+    recognizers: list[CustomRecognizer] = Field(default_factory=list)
+    encryption_key: SecretRef | None = Field(
+        default=None, description="A Fernet key, needed when any entity type is encrypted.")
+    min_score: float = Field(
+        default=0.4, ge=0, le=1,
+        description="Findings scored below this are left alone (a bare phone number is 0.4).")
 
 
 class SourceConfig(BaseModel):
@@ -72,6 +152,8 @@ class SourceConfig(BaseModel):
     batch_size: int = Field(default=128, ge=1, le=1000)
     max_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     quality: QualityThresholds = Field(default_factory=QualityThresholds)
+    throttling: Throttling = Field(default_factory=Throttling)
+    compliance: Compliance = Field(default_factory=Compliance)
     base_dir: Path = Field(default=Path("."), exclude=True)
 
     @field_validator("params")

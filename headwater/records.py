@@ -51,9 +51,11 @@ class Chunk(BaseModel):
     heading_path: list[str] = Field(default_factory=list)
     char_start: int = 0
     char_end: int = 0
+    token_count: int = 0  # the model's own tokens, without its special tokens
     modified: datetime | None = None
     principals: list[str] = Field(default_factory=list)
     pii_types: list[str] = Field(default_factory=list)
+    classification: str = "internal"  # public, internal, confidential or restricted
 
     @property
     def uuid(self) -> uuid.UUID:

@@ -65,6 +65,17 @@ class SyncRunRow(Base):
     summary: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
+@dataclass(frozen=True)
+class SyncRun:
+    id: str
+    source: str
+    flow_run_id: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    status: str
+    summary: dict
+
+
 class DocumentRow(Base):
     __tablename__ = "documents"
     source: Mapped[str] = mapped_column(String(200), primary_key=True)
@@ -271,6 +282,20 @@ class StateStore:
             run.status, run.summary, run.finished_at = status, summary, utcnow()
             if status == "completed":
                 s.get(SourceRow, run.source).last_success_at = run.finished_at
+
+    def finished_run(self, run_id: str | None = None, source: str | None = None) -> SyncRun | None:
+        """One finished run (the newest, of a source if named), with its summary."""
+        with self.session() as s:
+            query = select(SyncRunRow).where(SyncRunRow.finished_at.is_not(None))
+            if run_id:
+                query = query.where(SyncRunRow.id == run_id)
+            if source:
+                query = query.where(SyncRunRow.source == source)
+            row = s.execute(query.order_by(SyncRunRow.finished_at.desc()).limit(1)).scalar()
+            if row is None:
+                return None
+            return SyncRun(row.id, row.source, row.flow_run_id, row.started_at,
+                           row.finished_at, row.status, dict(row.summary or {}))
 
     # -- documents ---------------------------------------------------------------------------
 

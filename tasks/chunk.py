@@ -58,6 +58,7 @@ def chunk_documents(
                 text=text[start:end], title=d.title, url=d.url,
                 heading_path=section.heading_path,
                 char_start=section.start + start, char_end=section.start + end,
+                token_count=last - first,
                 modified=d.modified, principals=d.principals,
             ))
     return result

@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,11 +22,12 @@ from headwater.records import Chunk, SourceDocument
 from headwater.settings import Settings
 from headwater.state import KnownDocument, StateStore
 from tasks import chunk as chunking
+from tasks import quality
 from tasks.embed import embed_texts, load_model
 from tasks.index import connect_index, delete_where, ensure_collection, upsert_chunks
 from tasks.parse import DocumentRejected, ParsedDocument, parse_document
 
-STAGES = ("list", "fetch", "parse", "chunk", "embed", "index", "commit")
+STAGES = ("list", "fetch", "parse", "validate", "chunk", "embed", "index", "commit")
 
 
 @dataclass
@@ -49,6 +51,11 @@ class SyncContext:
     lock_owner: str
     known: dict[str, KnownDocument]
     full: bool = False
+    quality: quality.QualityLedger = field(default_factory=quality.QualityLedger)
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.source.name}-{self.run_id}"
 
 
 @dataclass
@@ -89,6 +96,8 @@ class SyncSummary:
     embedded: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     message: str = ""
+    quality: list[dict[str, Any]] = field(default_factory=list)
+    data_docs: str = ""
 
     def add(self, batch: Batch) -> None:
         rejected = {r.doc_id for r in batch.rejected}
@@ -174,7 +183,9 @@ def open_sync(settings: Settings, source: str, full: bool,
             raise SourceError(f"source {source!r}: {check.message}")
         with connect_index(settings) as client:
             ensure_collection(client, settings.collection)
-        load_model(settings.embedding_model)  # once per process, before the clock of any stage
+        # Once per process, before the clock of any stage starts.
+        load_model(settings.embedding_model)
+        quality.quality_gate(str(data_docs_dir(settings)))
         known = store.known_documents(config.name)
         if full:
             # A full sync re-reads everything but still finds deletions by difference.
@@ -202,8 +213,16 @@ def list_pages(ctx: SyncContext) -> Iterator[Batch]:
         yield batch
 
 
+def data_docs_dir(settings: Settings) -> Path:
+    return settings.data_dir / "quality" / "data-docs"
+
+
 def close_sync(ctx: SyncContext, summary: SyncSummary, status: str, message: str = "") -> dict:
     summary.status, summary.message = status, message
+    summary.quality = ctx.quality.rows()
+    if ctx.quality.result_ids:
+        gate = quality.quality_gate(str(data_docs_dir(ctx.settings)))
+        summary.data_docs = str(gate.build_docs(ctx.quality.result_ids))
     result = summary.as_dict()
     ctx.store.finish_run(ctx.run_id, status, result)
     ctx.store.release_lock(ctx.source.name, ctx.lock_owner)
@@ -237,7 +256,7 @@ def parse_documents(ctx: SyncContext, batch: Batch) -> Batch:
     return batch
 
 
-def check_batch_quality(ctx: SyncContext, batch: Batch) -> Batch:
+def _check_failed_share(ctx: SyncContext, batch: Batch) -> None:
     """Stop the run before this batch is written if too many of its documents failed."""
     limits = ctx.source.quality
     attempted = len(batch.of_kind(ChangeKind.ADDED, ChangeKind.MODIFIED))
@@ -250,6 +269,57 @@ def check_batch_quality(ctx: SyncContext, batch: Batch) -> Batch:
             f"({failed / attempted:.0%}, the limit is {limits.max_failed_share:.0%}); nothing "
             f"of it was written. Most common: " + "; ".join(f"{r} ({n})" for r, n in reasons),
         )
+
+
+def _reject(batch: Batch, reasons: dict[str, str]) -> None:
+    """Take documents out of the batch, with their chunks and vectors, into quarantine."""
+    if not reasons:
+        return
+    versions = {p.document.doc_id: p.document.version for p in batch.parsed}
+    batch.rejected += [Rejection(d, "quality", r, versions.get(d)) for d, r in reasons.items()]
+    batch.parsed = [p for p in batch.parsed if p.document.doc_id not in reasons]
+    if batch.chunks:
+        keep = np.array([doc_id not in reasons for doc_id, chunks in batch.chunks.items()
+                         for _ in chunks], dtype=bool)
+        if batch.vectors is not None and len(keep):
+            batch.vectors = np.asarray(batch.vectors)[keep]
+        batch.chunks = {d: c for d, c in batch.chunks.items() if d not in reasons}
+
+
+def validate_documents(ctx: SyncContext, batch: Batch) -> Batch:
+    """The documents suite: failing documents are quarantined, too many stop the run."""
+    with _timed(batch, "validate"):
+        limits = ctx.source.quality
+        verdict = quality.quality_gate(str(data_docs_dir(ctx.settings))).validate(
+            "documents", quality.documents_frame(batch.parsed), {
+                "min_document_chars": limits.min_document_chars,
+                "max_document_chars": limits.max_document_chars,
+                "min_printable_ratio": limits.min_printable_ratio,
+            }, ctx.run_name)
+        ctx.quality.record(verdict)
+        _reject(batch, verdict.rejected())
+    _check_failed_share(ctx, batch)
+    return batch
+
+
+def validate_chunks(ctx: SyncContext, batch: Batch) -> Batch:
+    """The chunks suite, on text and vectors just before they are written."""
+    with _timed(batch, "validate"):
+        chunks = [c for doc_chunks in batch.chunks.values() for c in doc_chunks]
+        model = load_model(ctx.settings.embedding_model)
+        # With a policy, what it removes must be gone by now; without one there is no promise.
+        residual = quality.residual_pii_scores([c.text for c in chunks]) if (
+            ctx.source.policy) else None
+        verdict = quality.quality_gate(str(data_docs_dir(ctx.settings))).validate(
+            "chunks", quality.chunks_frame(chunks, batch.vectors, residual), {
+                "max_chunk_tokens": model.max_seq_length - 2,  # [CLS] and [SEP] take two
+                "dimension": model.get_embedding_dimension(),
+                "min_norm": 0.99, "max_norm": 1.01,  # vectors are normalised when embedded
+                "max_residual_pii_score": ctx.source.quality.max_residual_pii_score,
+            }, ctx.run_name)
+        ctx.quality.record(verdict)
+        _reject(batch, verdict.rejected())
+    _check_failed_share(ctx, batch)
     return batch
 
 
@@ -375,6 +445,14 @@ def summary_markdown(summary: dict) -> str:
     lines += [f"| {name.replace('_', ' ')} | {summary[name]} |" for name in counts]
     lines += ["", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {stage} | {seconds:.3f} |" for stage, seconds in summary["seconds"].items()]
+    if summary.get("quality"):
+        lines += ["", *quality_markdown(summary["quality"])]
     if summary.get("message"):
         lines += ["", summary["message"]]
     return "\n".join(lines)
+
+
+def quality_markdown(rows: list[dict]) -> list[str]:
+    lines = ["| suite | expectation | observed | result |", "| --- | --- | --- | --- |"]
+    return lines + [f"| {r['suite']} | {r['expectation']} | {r['observed']} | {r['result']} |"
+                    for r in rows]

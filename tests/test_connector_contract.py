@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import boto3
@@ -92,11 +93,172 @@ class BucketFixture:
         return SourceConfig(name="contract", type="s3", params=self.params("no-such-bucket"))
 
 
-@pytest.fixture(params=["folder", "s3"])
+class DatabaseFixture:
+    """A table in a SQLite file, or in a schema of its own in the session's PostgreSQL."""
+
+    def __init__(self, url: str, schema: str | None = None) -> None:
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.pool import NullPool
+
+        self.url, self.sql = url, text
+        self.table = f"{schema}.documents" if schema else "documents"
+        self.engine = create_engine(url, poolclass=NullPool)  # no connection outlives a write
+        self.clock = datetime(2024, 1, 1)
+        with self.engine.begin() as db:
+            if schema:
+                db.execute(text(f"CREATE SCHEMA {schema}"))
+            db.execute(text(f"CREATE TABLE {self.table} (doc_key VARCHAR(200) PRIMARY KEY, "
+                            "body TEXT NOT NULL, updated_at TIMESTAMP NOT NULL)"))
+
+    def params(self, table: str) -> dict[str, object]:
+        return {"url": self.url, "table": table, "id_column": "doc_key",
+                "text_template": "{body}", "cursor_column": "updated_at"}
+
+    def config(self, **overrides: object) -> SourceConfig:
+        return SourceConfig(**{"name": "contract", "type": "database",
+                               "params": self.params(self.table), **READERS, **overrides})
+
+    def put(self, key: str, body: bytes) -> None:
+        self.clock += timedelta(seconds=1)  # the row's updated_at moves on, as an app's would
+        with self.engine.begin() as db:
+            db.execute(self.sql(f"DELETE FROM {self.table} WHERE doc_key = :k"), {"k": key})
+            db.execute(self.sql(f"INSERT INTO {self.table} VALUES (:k, :b, :t)"),
+                       {"k": key, "b": body.decode(), "t": self.clock})
+
+    def remove(self, key: str) -> None:
+        with self.engine.begin() as db:
+            db.execute(self.sql(f"DELETE FROM {self.table} WHERE doc_key = :k"), {"k": key})
+
+    def doc_id(self, key: str) -> str:
+        return key
+
+    def restrict(self, key: str, principals: list[str]) -> SourceConfig:
+        return self.config(principals={**READERS["principals"], key: principals})
+
+    def mime(self, key: str) -> str:
+        return "text/plain"
+
+    def broken(self) -> SourceConfig:
+        return SourceConfig(name="contract", type="database", params=self.params("no_such_table"))
+
+
+class ConfluenceFixture:
+    """Pages of one space in the Confluence emulator, titled by key; "hr/" pages are restricted
+    to group hr, the space is read by group staff."""
+
+    def __init__(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+        from tests.emulators.confluence import ConfluenceEmulator
+
+        self.emulator = ConfluenceEmulator("cloud", secret="contract-token")
+        self.emulator.start()
+        request.addfinalizer(self.emulator.stop)
+        monkeypatch.setenv("CONTRACT_CONFLUENCE_TOKEN", "contract-token")
+        self.emulator.add_space("DOCS", ["group:staff"])
+        self.ids: dict[str, str] = {}
+
+    def params(self, space: str) -> dict[str, object]:
+        return {"url": f"{self.emulator.url}/wiki", "deployment": "cloud", "spaces": [space],
+                "email": self.emulator.user, "api_token": {"env": "CONTRACT_CONFLUENCE_TOKEN"}}
+
+    def config(self, **overrides: object) -> SourceConfig:
+        return SourceConfig(**{"name": "contract", "type": "confluence",
+                               "params": self.params("DOCS"), **overrides})
+
+    def put(self, key: str, body: bytes) -> None:
+        from html import escape
+
+        storage = "".join(
+            f"<h1>{escape(block[2:])}</h1>" if block.startswith("# ") else f"<p>{escape(block)}</p>"
+            for block in body.decode().split("\n\n"))
+        if key in self.ids:
+            self.emulator.edit_page(self.ids[key], storage)
+        else:
+            self.ids[key] = self.emulator.add_page(
+                "DOCS", key, storage, restricted_to_groups=["hr"] if key.startswith("hr/") else [])
+
+    def remove(self, key: str) -> None:
+        self.emulator.trash_page(self.ids[key])
+
+    def doc_id(self, key: str) -> str:
+        return f"DOCS/{self.ids[key]}"
+
+    def restrict(self, key: str, principals: list[str]) -> SourceConfig:
+        self.emulator.restrict_page(
+            self.ids[key], groups=[p[6:] for p in principals if p.startswith("group:")],
+            users=[p[5:] for p in principals if p.startswith("user:")])
+        return self.config()
+
+    def mime(self, key: str) -> str:
+        return "text/markdown"
+
+    def broken(self) -> SourceConfig:
+        return SourceConfig(name="contract", type="confluence", params=self.params("NOSUCH"))
+
+
+class SharePointFixture:
+    """Files of the Documents library in the SharePoint emulator; the "hr" folder has broken
+    inheritance with Read for the group hr only, everything else inherits the site's staff."""
+
+    def __init__(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+        from tests.emulators.sharepoint import SharePointEmulator
+
+        self.emulator = SharePointEmulator(client_secret="contract-secret")
+        self.emulator.start()
+        request.addfinalizer(self.emulator.stop)
+        monkeypatch.setenv("CONTRACT_SP_SECRET", "contract-secret")
+        self.ids: dict[str, str] = {}
+
+    def params(self, libraries: list[str]) -> dict[str, object]:
+        return {"site_url": f"{self.emulator.url}{self.emulator.site}",
+                "authority": self.emulator.url, "tenant": self.emulator.tenant,
+                "client_id": self.emulator.client_id, "libraries": libraries,
+                "client_secret": {"env": "CONTRACT_SP_SECRET"}}
+
+    def config(self, **overrides: object) -> SourceConfig:
+        return SourceConfig(**{"name": "contract", "type": "sharepoint",
+                               "params": self.params(["Documents"]), **overrides})
+
+    def put(self, key: str, body: bytes) -> None:
+        try:
+            self.emulator.edit_file(key, body, "Documents")
+        except KeyError:
+            self.ids[key] = self.emulator.add_file("Documents", key, body).unique_id
+            if key.startswith("hr/"):
+                self.emulator.set_readers("hr", ["group:hr"], "Documents")
+
+    def remove(self, key: str) -> None:
+        self.emulator.delete_file(key, "Documents")
+
+    def doc_id(self, key: str) -> str:
+        return self.ids[key]
+
+    def restrict(self, key: str, principals: list[str]) -> SourceConfig:
+        self.emulator.set_readers(key, principals, "Documents")
+        return self.config()
+
+    def mime(self, key: str) -> str:
+        return mime_for(key)
+
+    def broken(self) -> SourceConfig:
+        return SourceConfig(name="contract", type="sharepoint",
+                            params=self.params(["No Such Library"]))
+
+
+@pytest.fixture(params=["folder", "s3", "sqlite", "postgres", "confluence",
+                        "sharepoint"])
 def source(request: pytest.FixtureRequest, tmp_path: Path,
-           monkeypatch: pytest.MonkeyPatch) -> FolderFixture | BucketFixture:
+           monkeypatch: pytest.MonkeyPatch) -> FolderFixture | BucketFixture | DatabaseFixture:
     if request.param == "folder":
         return FolderFixture(tmp_path)
+    if request.param == "confluence":
+        return ConfluenceFixture(request, monkeypatch)
+    if request.param == "sharepoint":
+        return SharePointFixture(request, monkeypatch)
+    if request.param == "sqlite":
+        return DatabaseFixture(f"sqlite:///{tmp_path / 'contract.db'}")
+    if request.param == "postgres":
+        return DatabaseFixture(request.getfixturevalue("postgres_url"),
+                               schema=f"contract_{uuid.uuid4().hex[:8]}")
     monkeypatch.setenv("CONTRACT_S3_KEY", "test")
     monkeypatch.setenv("CONTRACT_S3_SECRET", "test")
     return BucketFixture(request.getfixturevalue("s3_endpoint"))

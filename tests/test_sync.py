@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from weaviate.classes.query import Filter
 
 from flows.sync import sync_source
 from headwater.errors import QualityGateFailed
+from tasks import quality
 
 HEADWATER = str(Path(sys.executable).parent / "headwater")
 
@@ -56,9 +58,20 @@ def test_each_run_publishes_its_summary_as_a_prefect_artifact(folder: FolderSour
                 )
             )
 
-    (artifact,) = asyncio.run(artifacts())
-    assert artifact.key == "sync-handbook"
-    assert "| new | 4 |" in artifact.data and "| embed |" in artifact.data
+    by_key = {a.key: a for a in asyncio.run(artifacts())}
+    assert sorted(by_key) == ["quality-handbook", "sync-handbook"]
+    assert "| new | 4 |" in by_key["sync-handbook"].data
+    assert "| embed |" in by_key["sync-handbook"].data
+
+    # Every expectation of both versioned suites is listed with what it observed.
+    rows = json.loads(by_key["quality-handbook"].data)
+    suites = {name: quality.load_suite(name)["expectations"] for name in quality.SUITES}
+    assert [(r["suite"], r["expectation"]) for r in rows] == [
+        (name, f"{e['type']}({e['kwargs']['column']})")
+        for name, expectations in suites.items() for e in expectations]
+    assert all(r["result"] == "pass" and r["checked"] > 0 for r in rows), rows
+    norm = next(r for r in rows if r["expectation"].endswith("(norm)"))
+    assert norm["observed"].startswith("0 of ") and "values 1..1" in norm["observed"]
 
 
 def test_index_matches_the_folder_after_add_modify_rename_delete(folder: FolderSource) -> None:
