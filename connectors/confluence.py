@@ -98,7 +98,7 @@ class ConfluenceConnector:
 
     params: `url` (Cloud: https://<site>.atlassian.net/wiki), `deployment` (cloud|datacenter),
     `spaces` (keys); Cloud: `email` and `api_token`, Data Center: `token` (a personal access
-    token) and optionally `username` (named in messages); optional `reconcile_every_s` (86400),
+    token) and optionally `username` (named in messages); optional `reconcile_every_s` (3600),
     `margin_s` (120), `timezone` (the search user's, for CQL times; UTC). Waits on throttling
     follow the source's `throttling` settings.
     """
@@ -116,7 +116,9 @@ class ConfluenceConnector:
         self.url: str = str(params["url"]).rstrip("/")
         self.spaces: list[str] = [str(key) for key in params["spaces"]]
         self.page_size = min(config.batch_size, 200)  # Confluence caps a search page at 200
-        self.reconcile_every = timedelta(seconds=float(params.get("reconcile_every_s", 86400)))
+        # Restriction changes bump no version and no lastmodified: only the reconciliation sees
+        # them, so it runs hourly by default (readers are at most that stale).
+        self.reconcile_every = timedelta(seconds=float(params.get("reconcile_every_s", 3600)))
         self.margin = timedelta(seconds=float(params.get("margin_s", 120)))
         self.timezone = ZoneInfo(params.get("timezone", "UTC"))
         self.backoff = Backoff(**config.throttling.model_dump())

@@ -11,6 +11,7 @@ from prefect.states import Cancelled, State
 from prefect.utilities.annotations import opaque
 
 from headwater.errors import retry_transient
+from headwater.metrics import record_sync_run
 from headwater.settings import get_settings
 from headwater.state import SourceBusy
 from tasks import ingest
@@ -22,6 +23,7 @@ _stage = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 5,
 open_sync = task(name="open_sync", **_stage)(ingest.open_sync)
 fetch_documents = task(name="fetch_documents", **_stage)(ingest.fetch_documents)
 parse_documents = task(name="parse_documents", cache_policy=NO_CACHE)(ingest.parse_documents)
+redact_pii = task(name="redact_pii", cache_policy=NO_CACHE)(ingest.redact_pii)
 chunk_documents = task(name="chunk_documents", cache_policy=NO_CACHE)(ingest.chunk_documents)
 embed_chunks = task(name="embed_chunks", cache_policy=NO_CACHE)(ingest.embed_chunks)
 index_chunks = task(name="index_chunks", **_stage)(ingest.index_chunks)
@@ -39,6 +41,7 @@ def _key(prefix: str, source: str) -> str:
 
 @task(name="publish_summary", cache_policy=NO_CACHE)
 def publish_summary(summary: dict) -> dict:
+    record_sync_run(get_settings(), summary)
     create_markdown_artifact(key=_key("sync", summary["source"]), markdown=ingest.summary_markdown(
         summary), description=f"Sync of {summary['source']}")
     if summary["quality"]:
@@ -61,7 +64,7 @@ def sync_source(source: str, full: bool = False, allow_mass_delete: bool = False
     try:
         for batch in ingest.list_pages(ctx.unwrap()):
             batch = deletions.hold(batch)
-            for stage in (fetch_documents, parse_documents, validate_documents,
+            for stage in (fetch_documents, parse_documents, validate_documents, redact_pii,
                           chunk_documents, embed_chunks):
                 batch = stage(ctx, opaque(batch)) if batch.changes else batch
             writes.submit(batch)

@@ -33,6 +33,7 @@ from headwater.auth import (
     require,
 )
 from headwater.errors import HeadwaterError, IndexUnavailable
+from headwater.metrics import AnswerMetrics, FlowMetrics
 from headwater.records import Caller, QueryRequest, QueryResponse
 from headwater.settings import Settings, get_settings
 from headwater.state import AuditWriter, StateStore
@@ -49,6 +50,7 @@ class Metrics:
     retrieval: Histogram
     generation: Histogram
     errors: Counter
+    answers: AnswerMetrics
 
     @classmethod
     def create(cls) -> Metrics:
@@ -65,6 +67,7 @@ class Metrics:
             Histogram("headwater_generation_duration_seconds", "LLM generation, failover included",
                       registry=registry),
             Counter("headwater_errors_total", "Errors by type", ["type"], registry=registry),
+            AnswerMetrics.create(registry),
         )
 
 
@@ -90,6 +93,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = Metrics.create()
     state: dict[str, Any] = {}
+
+    def count_objects() -> int:
+        from tasks.index import count_chunks
+
+        client = state.get("client")
+        if client is None:
+            raise IndexUnavailable("the API has not connected to Weaviate yet")
+        if not client.collections.exists(settings.collection):
+            return 0
+        return count_chunks(client, settings.collection)
+
+    # One scrape covers the API and the syncs: their textfiles are read at scrape time.
+    metrics.registry.register(FlowMetrics(settings, count_objects))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -163,6 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response, trace = answer_question(settings, body, who, state["client"], state["encoder"],
                                           state["generator"], request.state.request_id)
         metrics.retrieval.observe(trace.retrieval_s)
+        metrics.answers.observe(len(response.sources))
         if trace.generation_s:
             metrics.generation.observe(trace.generation_s)
         record_query(state["audit"], who, body, response, trace, channel="api")

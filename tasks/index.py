@@ -33,6 +33,8 @@ CHUNK_PROPERTIES = [
     # Permissions are filtered inside the index, never after retrieval.
     Property(name="principals", data_type=DataType.TEXT_ARRAY, tokenization=Tokenization.FIELD),
     Property(name="pii_types", data_type=DataType.TEXT_ARRAY, tokenization=Tokenization.FIELD),
+    Property(name="classification", data_type=DataType.TEXT, tokenization=Tokenization.FIELD,
+             index_searchable=False),
     Property(name="text_hash", data_type=DataType.TEXT, tokenization=Tokenization.FIELD,
              index_searchable=False),
 ]
@@ -79,8 +81,10 @@ def connect_index(settings: Settings) -> Iterator[weaviate.WeaviateClient]:
 
 
 def ensure_collection(client: weaviate.WeaviateClient, name: str) -> None:
-    """Create the chunk collection if it is missing; an existing one is left untouched."""
+    """Create the chunk collection if it is missing; an existing one gains the properties
+    added since it was made (none is ever changed or removed)."""
     if client.collections.exists(name):
+        _add_missing_properties(client, name)
         return
     try:
         client.collections.create(
@@ -93,6 +97,20 @@ def ensure_collection(client: weaviate.WeaviateClient, name: str) -> None:
         # Two syncs may race to create it; losing that race is fine.
         if not client.collections.exists(name):
             raise IndexWriteError(f"Could not create collection {name}", repr(error)) from error
+
+
+def _add_missing_properties(client: weaviate.WeaviateClient, name: str) -> None:
+    collection = client.collections.use(name)
+    try:
+        have = {p.name for p in collection.config.get().properties}
+        for prop in CHUNK_PROPERTIES:
+            if prop.name not in have:
+                collection.config.add_property(prop)
+    except WeaviateBaseError as error:
+        # Two syncs may race to add the same property; losing that race is fine.
+        have = {p.name for p in collection.config.get().properties}
+        if not {p.name for p in CHUNK_PROPERTIES} <= have:
+            raise IndexWriteError(f"Could not add properties to {name}", repr(error)) from error
 
 
 def _properties(chunk: Chunk) -> dict[str, object]:
@@ -109,6 +127,7 @@ def _properties(chunk: Chunk) -> dict[str, object]:
         "modified": chunk.modified,
         "principals": chunk.principals,
         "pii_types": chunk.pii_types,
+        "classification": chunk.classification,
         "text_hash": chunk.text_hash,
     }
 

@@ -1,7 +1,10 @@
-"""The stages of a sync, one batch at a time: fetch, parse, chunk, embed, index, commit."""
+"""The stages of a sync, one batch at a time: fetch, parse, redact, chunk, embed, index, commit."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,12 +25,14 @@ from headwater.records import Chunk, SourceDocument
 from headwater.settings import Settings
 from headwater.state import KnownDocument, StateStore
 from tasks import chunk as chunking
-from tasks import quality
+from tasks import compliance, quality
 from tasks.embed import embed_texts, load_model
 from tasks.index import connect_index, delete_where, ensure_collection, upsert_chunks
 from tasks.parse import DocumentRejected, ParsedDocument, parse_document
 
-STAGES = ("list", "fetch", "parse", "validate", "chunk", "embed", "index", "commit")
+SYNC_ACTOR = "system:sync"
+STAGES = ("list", "fetch", "parse", "validate", "compliance", "chunk", "embed", "index",
+          "commit")
 
 
 @dataclass
@@ -52,6 +57,9 @@ class SyncContext:
     known: dict[str, KnownDocument]
     full: bool = False
     quality: quality.QualityLedger = field(default_factory=quality.QualityLedger)
+    policy: compliance.Policy | None = None
+    processing: str | None = None
+    reread: str = ""  # why a run the caller did not ask to be full became one
 
     @property
     def run_name(self) -> str:
@@ -68,6 +76,7 @@ class Batch:
     documents: list[SourceDocument] = field(default_factory=list)
     parsed: list[ParsedDocument] = field(default_factory=list)
     chunks: dict[str, list[Chunk]] = field(default_factory=dict)
+    findings: dict[str, compliance.DocumentFindings] = field(default_factory=dict)
     vectors: Any = None
     rejected: list[Rejection] = field(default_factory=list)
     embedded: int = 0
@@ -173,6 +182,8 @@ def open_sync(settings: Settings, source: str, full: bool,
               flow_run_id: str | None = None) -> SyncContext:
     """Take the source's lock and record the run; raises SourceBusy if another run holds it."""
     config = source_config(settings.config, source)
+    # A policy that cannot run (no key, unknown framework) stops the run before it starts.
+    policy = compliance.load_policy(config, settings)
     connector = open_connector(config)
     store = StateStore(settings.resolved_state_db_url)
     store.ensure_source(config.name, config.type)
@@ -187,6 +198,15 @@ def open_sync(settings: Settings, source: str, full: bool,
         load_model(settings.embedding_model)
         quality.quality_gate(str(data_docs_dir(settings)))
         known = store.known_documents(config.name)
+        processing = processing_fingerprint(settings, config, policy)
+        previous = store.processing(config.name)
+        if known and previous is not None and previous != processing:
+            # What is indexed went through another policy, chunking or model: read it all again
+            # (the embedding cache still spares unchanged text).
+            full, reread = True, ("full re-read: the source's policy, chunking or embedding "
+                                  "model changed since its documents were indexed")
+        else:
+            reread = ""
         if full:
             # A full sync re-reads everything but still finds deletions by difference.
             known = {k: KnownDocument(k, "", None, d.chunk_count, d.principals)
@@ -196,7 +216,20 @@ def open_sync(settings: Settings, source: str, full: bool,
         store.release_lock(config.name, owner)
         raise
     return SyncContext(settings, config, connector, store, settings.collection, run_id, owner,
-                       known, full)
+                       known, full, policy=policy, processing=processing, reread=reread)
+
+
+def processing_fingerprint(settings: Settings, config: SourceConfig,
+                           policy: compliance.Policy | None) -> str:
+    """What decides the indexed text and vectors besides the source itself."""
+    facts: dict[str, Any] = {"model": settings.embedding_model,
+                             "chunk": [settings.chunk_tokens, settings.chunk_overlap]}
+    if policy is not None:
+        key_check = hmac.new(policy.subject_key.get_secret_value().encode(), b"headwater",
+                             hashlib.sha256).hexdigest()[:16]  # the key changes hashed values
+        facts["policy"] = [policy.actions, policy.classification, policy.custom_levels,
+                           list(policy.recognizers), policy.min_score, key_check]
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
 def list_pages(ctx: SyncContext) -> Iterator[Batch]:
@@ -218,13 +251,18 @@ def data_docs_dir(settings: Settings) -> Path:
 
 
 def close_sync(ctx: SyncContext, summary: SyncSummary, status: str, message: str = "") -> dict:
-    summary.status, summary.message = status, message
+    summary.status = status
+    summary.message = "; ".join(m for m in (ctx.reread, message) if m)
     summary.quality = ctx.quality.rows()
+    # The run's decision, in the audit trail beside the queries it will serve.
+    ctx.store.append_audit(SYNC_ACTOR, "ingest.sync", f"source:{ctx.source.name}", status,
+                           ctx.run_id, {k: v for k, v in summary.as_dict().items()
+                                        if isinstance(v, int) or k == "message"})
     if ctx.quality.result_ids:
         gate = quality.quality_gate(str(data_docs_dir(ctx.settings)))
         summary.data_docs = str(gate.build_docs(ctx.quality.result_ids))
     result = summary.as_dict()
-    ctx.store.finish_run(ctx.run_id, status, result)
+    ctx.store.finish_run(ctx.run_id, status, result, ctx.processing)
     ctx.store.release_lock(ctx.source.name, ctx.lock_owner)
     return result
 
@@ -308,8 +346,9 @@ def validate_chunks(ctx: SyncContext, batch: Batch) -> Batch:
         chunks = [c for doc_chunks in batch.chunks.values() for c in doc_chunks]
         model = load_model(ctx.settings.embedding_model)
         # With a policy, what it removes must be gone by now; without one there is no promise.
-        residual = quality.residual_pii_scores([c.text for c in chunks]) if (
-            ctx.source.policy) else None
+        removed = compliance.removed_entities(ctx.source)
+        residual = quality.residual_pii_scores([c.text for c in chunks], removed) if (
+            removed) else None
         verdict = quality.quality_gate(str(data_docs_dir(ctx.settings))).validate(
             "chunks", quality.chunks_frame(chunks, batch.vectors, residual), {
                 "max_chunk_tokens": model.max_seq_length - 2,  # [CLS] and [SEP] take two
@@ -339,12 +378,24 @@ def check_deletions(ctx: SyncContext, deleted: int, allow_mass_delete: bool) -> 
         )
 
 
+def redact_pii(ctx: SyncContext, batch: Batch) -> Batch:
+    """Apply the source's compliance policy: only processed text and titles go on to be
+    chunked, embedded and indexed."""
+    with _timed(batch, "compliance"):
+        batch.parsed, batch.findings = compliance.apply_policy(ctx.policy, ctx.source,
+                                                               batch.parsed)
+    return batch
+
+
 def chunk_documents(ctx: SyncContext, batch: Batch) -> Batch:
     with _timed(batch, "chunk"):
         model = load_model(ctx.settings.embedding_model)
         batch.chunks = chunking.chunk_documents(batch.parsed, model.tokenizer,
                                                 ctx.settings.chunk_tokens,
                                                 ctx.settings.chunk_overlap)
+        for doc_id, chunks in batch.chunks.items():
+            if doc_id in batch.findings:
+                batch.findings[doc_id].annotate(chunks)
     return batch
 
 
@@ -411,12 +462,16 @@ def commit_batch(ctx: SyncContext, batch: Batch) -> Batch:
     with _timed(batch, "commit"):
         rejected = {r.doc_id for r in batch.rejected}
         by_id = {c.doc_id: c for c in batch.changes}
-        indexed = []
+        indexed, subjects, classifications = [], {}, {}
         for parsed in batch.parsed:
             doc = parsed.document
             change = by_id[doc.doc_id]
             indexed.append((doc.doc_id, doc.version, change.fingerprint, doc.title,
                             len(batch.chunks.get(doc.doc_id, [])), doc.principals))
+            found = batch.findings.get(doc.doc_id)
+            if found is not None and doc.doc_id not in rejected:
+                subjects[doc.doc_id] = found.subjects(batch.chunks.get(doc.doc_id, []))
+                classifications[doc.doc_id] = found.classification
         for change in batch.of_kind(ChangeKind.PERMISSIONS):
             known = ctx.known.get(change.doc_id)
             if known:
@@ -429,11 +484,18 @@ def commit_batch(ctx: SyncContext, batch: Batch) -> Batch:
             fingerprints=[(c.doc_id, c.fingerprint or "")
                           for c in batch.of_kind(ChangeKind.TOUCHED)],
             cursor=batch.cursor,
+            subjects=subjects,
+            classifications=classifications,
         )
         for r in batch.rejected:
             ctx.store.quarantine(ctx.source.name, r.doc_id, r.stage, r.reason, r.version)
+        if batch.rejected:
+            ctx.store.append_audit_entries([
+                (SYNC_ACTOR, "ingest.quarantine", f"{ctx.source.name}:{r.doc_id}", "rejected",
+                 ctx.run_id, {"stage": r.stage, "reason": r.reason}) for r in batch.rejected])
         ctx.store.renew_lock(ctx.source.name, ctx.lock_owner)
         batch.parsed, batch.chunks, batch.vectors = [], {}, np.zeros((0, 0))
+        batch.findings = {}
     return batch
 
 

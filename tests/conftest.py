@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sqlalchemy import create_engine, text
 from weaviate.classes.query import MetadataQuery
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -224,3 +225,18 @@ def s3_endpoint() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> StateStore:
+    """A state store of this test's own, on SQLite and on the real PostgreSQL."""
+    if request.param == "sqlite":
+        return StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    # Each test gets a database of its own on the session's PostgreSQL server.
+    server = request.getfixturevalue("postgres_url")
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(server, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return StateStore(server.rsplit("/", 1)[0] + f"/{name}")

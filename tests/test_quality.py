@@ -129,19 +129,6 @@ def test_a_chunk_with_a_broken_vector_quarantines_its_document_only(
     assert "expect_column_values_to_be_between(norm)" in held.reason
 
 
-def test_under_a_policy_personal_data_left_in_a_chunk_is_quarantined(
-    folder: FolderSource,
-) -> None:
-    _policies(folder, policy=["gdpr"])
-    _write_many(folder, 5)
-    folder.write("contact.md", "# Contact\n\nWrite to jane.roe@example.com for pump spares.")
-    summary = folder.sync()
-    assert (summary["new"], summary["quarantined"]) == (5, 1)
-    (held,) = folder.store.quarantined("handbook")
-    assert held.doc_id == "contact.md"
-    assert "expect_column_values_to_be_between(residual_pii_score)" in held.reason
-
-
 def test_quality_report_prints_the_last_run_and_data_docs_are_written(
     folder: FolderSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

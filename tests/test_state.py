@@ -4,28 +4,12 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import uuid
 from datetime import datetime
-from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from headwater.state import SourceBusy, StateStore
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> StateStore:
-    if request.param == "sqlite":
-        return StateStore(f"sqlite:///{tmp_path / 'state.db'}")
-    # Each test gets a database of its own on the session's PostgreSQL server.
-    server = request.getfixturevalue("postgres_url")
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(server, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    return StateStore(server.rsplit("/", 1)[0] + f"/{name}")
 
 
 def test_migrations_bring_a_new_database_to_the_newest_schema(store: StateStore) -> None:

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import yaml
 from conftest import FolderSource
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -18,6 +20,7 @@ from weaviate.classes.query import Filter
 
 from flows.sync import sync_source
 from headwater.errors import QualityGateFailed
+from headwater.settings import get_settings
 from tasks import quality
 
 HEADWATER = str(Path(sys.executable).parent / "headwater")
@@ -303,3 +306,26 @@ def test_a_few_deletions_pass_the_guard(folder: FolderSource) -> None:
         (folder.docs / f"doc-{i:02}.txt").unlink()
     assert folder.sync()["deleted"] == 5
     assert len(folder.index()) == 15
+
+
+def test_a_new_policy_rereads_what_was_indexed_before_it(
+    folder: FolderSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder.write("contact.md", "# Contact\n\nWrite to jane.roe@example.com for pump spares.")
+    folder.write("leave.md", "# Leave\n\nEvery employee has 25 days of annual leave.")
+    folder.sync()
+    assert "jane.roe@example.com" in folder.index()["contact.md"][0]
+
+    monkeypatch.setenv("HEADWATER_SUBJECT_KEY", "a-test-subject-key-of-enough-length")
+    config = yaml.safe_load(folder.config.read_text())
+    config["sources"][0]["policy"] = ["gdpr"]
+    folder.config.write_text(yaml.safe_dump(config))
+    get_settings.cache_clear()
+
+    summary = folder.sync()
+    assert summary["changed"] == 2 and "policy, chunking or embedding model changed" in (
+        summary["message"])
+    assert "jane.roe@example.com" not in json.dumps(folder.index())
+    assert "<EMAIL_ADDRESS>" in folder.index()["contact.md"][0]
+    settled = folder.sync()
+    assert (settled["changed"], settled["embedded"], settled["message"]) == (0, 0, "")

