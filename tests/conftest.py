@@ -76,6 +76,11 @@ def local_stack(settings: Settings) -> Iterator[list[stack.ComponentStatus]]:
     started = {s.name for s in statuses if s.started}
     yield statuses
     if started:
+        # Send Prefect's queued logs and events while its server is still up: left for exit,
+        # they retry against the stopped server for minutes before the process can end.
+        from prefect._internal.concurrency.services import QueueService
+
+        QueueService.drain_all(timeout=30)
         stack.down(settings, only=started)
 
 
