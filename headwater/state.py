@@ -29,7 +29,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from headwater.coalesce import Coalescer
@@ -233,6 +233,16 @@ def _engine(url: str) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
+        # SQLAlchemy, not the driver, opens transactions (the driver would begin only at the
+        # first write, after a transaction's reads).
+        connection.isolation_level = None  # type: ignore[attr-defined]
+
+    @event.listens_for(engine, "begin")
+    def _immediate(connection: Connection) -> None:
+        # SQLite ignores SELECT ... FOR UPDATE: a transaction that reads then writes (the audit
+        # chain's head, a source's lock) must hold the write lock from its start, or two
+        # processes read the same head and fork the chain.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 

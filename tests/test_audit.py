@@ -90,3 +90,25 @@ def test_a_sync_records_its_decisions_in_the_trail(folder: FolderSource) -> None
     assert rejected.resource == "handbook:broken.pdf" and rejected.request_id == run.request_id
     assert rejected.details["stage"] == "parse"
     assert folder.store.verify_audit().intact
+
+
+def _append_many(url: str, writer: int, count: int) -> None:
+    store = StateStore(url)
+    for i in range(count):
+        store.append_audit(f"user:w{writer}", "query", "api", "answered", f"w{writer}-{i}")
+
+
+def test_processes_appending_at_once_keep_one_unbroken_chain(store: StateStore) -> None:
+    import multiprocessing
+
+    url = store.engine.url.render_as_string(hide_password=False)
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_append_many, args=(url, w, 25)) for w in range(4)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(120)
+        assert process.exitcode == 0
+    verdict = store.verify_audit()
+    assert verdict.intact, verdict
+    assert verdict.checked == 100
