@@ -57,6 +57,15 @@ def isolated_settings(data_dir: Path, **overrides: object) -> Settings:
     return Settings(data_dir=data_dir, **{**ports, **overrides})
 
 
+def indexed_texts(client, collection: str) -> dict[str, list[str]]:
+    """doc id -> chunk texts in ordinal order, as Weaviate holds them."""
+    found: dict[str, list[tuple[int, str]]] = {}
+    for obj in client.collections.use(collection).iterator():
+        p = obj.properties
+        found.setdefault(p["doc_id"], []).append((p["ordinal"], p["text"]))
+    return {doc: [t for _, t in sorted(chunks)] for doc, chunks in found.items()}
+
+
 def stack_failure(error: HeadwaterError) -> str:
     return f"{error.user_message}\n--- log tail ---\n{error.log_message}"
 
@@ -195,12 +204,7 @@ class FolderSource:
         return state.result()
 
     def index(self) -> dict[str, list[str]]:
-        """doc id -> chunk texts in ordinal order, as Weaviate holds them."""
-        found: dict[str, list[tuple[int, str]]] = {}
-        for obj in self.client.collections.use(self.collection).iterator():
-            p = obj.properties
-            found.setdefault(p["doc_id"], []).append((p["ordinal"], p["text"]))
-        return {doc: [t for _, t in sorted(chunks)] for doc, chunks in found.items()}
+        return indexed_texts(self.client, self.collection)
 
     def update_times(self) -> dict[str, object]:
         result = self.client.collections.use(self.collection).query.fetch_objects(

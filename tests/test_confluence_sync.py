@@ -9,6 +9,7 @@ from pathlib import Path
 import jwt
 import pytest
 import yaml
+from conftest import indexed_texts
 from fastapi.testclient import TestClient
 
 from connectors.confluence import storage_to_markdown
@@ -69,12 +70,7 @@ class Wiki:
         return state.result(raise_on_failure=False)
 
     def index(self) -> dict[str, list[str]]:
-        """doc id -> chunk texts in ordinal order, as Weaviate holds them."""
-        found: dict[str, list[tuple[int, str]]] = {}
-        for obj in self.client.collections.use(self.collection).iterator():
-            found.setdefault(obj.properties["doc_id"], []).append(
-                (obj.properties["ordinal"], obj.properties["text"]))
-        return {d: [t for _, t in sorted(c)] for d, c in found.items()}
+        return indexed_texts(self.client, self.collection)
 
     def readers(self) -> dict[str, set[tuple[str, ...]]]:
         found: dict[str, set[tuple[str, ...]]] = {}

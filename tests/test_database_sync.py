@@ -14,6 +14,7 @@ from pathlib import Path
 import jwt
 import pytest
 import yaml
+from conftest import indexed_texts
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.engine import Engine
@@ -93,12 +94,7 @@ class ArticlesTable:
         return state.result()
 
     def index(self) -> dict[str, list[str]]:
-        """doc id -> chunk texts in ordinal order, as Weaviate holds them."""
-        found: dict[str, list[tuple[int, str]]] = {}
-        for obj in self.client.collections.use(self.collection).iterator():
-            p = obj.properties
-            found.setdefault(p["doc_id"], []).append((p["ordinal"], p["text"]))
-        return {d: [t for _, t in sorted(c)] for d, c in found.items()}
+        return indexed_texts(self.client, self.collection)
 
 
 def _own_database(postgres_url: str) -> str:

@@ -17,7 +17,7 @@ import jwt
 import pytest
 import requests
 import yaml
-from conftest import free_port
+from conftest import free_port, indexed_texts
 from fastapi.testclient import TestClient
 
 from connectors.s3 import principals_in_tag
@@ -90,12 +90,6 @@ def proxy(s3_endpoint) -> Iterator[S3FaultProxy]:
         yield running
 
 
-def _index(client, collection: str) -> dict[str, list[str]]:
-    found: dict[str, list[tuple[int, str]]] = {}
-    for obj in client.collections.use(collection).iterator():
-        found.setdefault(obj.properties["doc_id"], []).append(
-            (obj.properties["ordinal"], obj.properties["text"]))
-    return {d: [t for _, t in sorted(c)] for d, c in found.items()}
 
 
 def test_objects_are_indexed_changed_and_deleted_like_files(
@@ -107,14 +101,15 @@ def test_objects_are_indexed_changed_and_deleted_like_files(
     s3.put_object(Bucket=bucket, Key="elsewhere/ignored.md", Body=b"# Not under the prefix")
     summary = sync_source("wiki")
     assert summary["new"] == 2
-    index = _index(weaviate_client, collection)
+    index = indexed_texts(weaviate_client, collection)
     assert sorted(index) == ["kb/finance/budget.csv", "kb/vpn.md"]
 
     s3.put_object(Bucket=bucket, Key="kb/vpn.md", Body=b"# VPN\n\nUse the new client.")
     s3.delete_object(Bucket=bucket, Key="kb/finance/budget.csv")
     summary = sync_source("wiki")
     assert (summary["changed"], summary["deleted"]) == (1, 1)
-    assert _index(weaviate_client, collection) == {"kb/vpn.md": ["VPN\n\nUse the new client."]}
+    assert indexed_texts(weaviate_client, collection) == {
+        "kb/vpn.md": ["VPN\n\nUse the new client."]}
     assert sync_source("wiki")["embedded"] == 0
 
 
@@ -241,7 +236,7 @@ def test_a_sync_interrupted_mid_listing_resumes_to_the_exact_index(
         "source 'wiki': S3 is still throttling or unavailable after 2 tries")
     committed = [f"kb/note-{i}.md" for i in range(4)]
     assert sorted(bucket.store.known_documents("wiki")) == committed
-    assert sorted(_index(weaviate_client, collection)) == committed
+    assert sorted(indexed_texts(weaviate_client, collection)) == committed
 
     proxy.faults.clear()
     summary = sync_source("wiki")
@@ -262,7 +257,7 @@ def test_injected_throttling_is_waited_out_as_the_server_asks(
     proxy.inject(503, times=1, retry_after="1", path_contains="/kb/vpn.md")  # its GetObject
     summary = sync_source("wiki")
     assert summary["new"] == 2
-    assert sorted(_index(weaviate_client, collection)) == ["kb/leave.md", "kb/vpn.md"]
+    assert sorted(indexed_texts(weaviate_client, collection)) == ["kb/leave.md", "kb/vpn.md"]
     first, again = proxy.requests[:2]
     assert (first.path, first.query) == (again.path, again.query)
     assert again.at - first.at >= 0.95
@@ -348,7 +343,7 @@ def test_a_bad_credential_fails_in_one_line_and_leaves_the_index_alone(
     monkeypatch.setenv("WIKI_S3_KEY", iam_s3["key_id"])
     monkeypatch.setenv("WIKI_S3_SECRET", iam_s3["secret"])
     assert sync_source("wiki")["new"] == 2
-    indexed = _index(weaviate_client, collection)
+    indexed = indexed_texts(weaviate_client, collection)
     assert sorted(indexed) == ["kb/leave.md", "kb/vpn.md"]
 
     signed.delete_object(Bucket=iam_s3["bucket"], Key="kb/leave.md")
@@ -357,4 +352,4 @@ def test_a_bad_credential_fails_in_one_line_and_leaves_the_index_alone(
     assert state.is_failed()
     assert state.result(raise_on_failure=False).user_message == (
         "source 'wiki': the secret access key is wrong")
-    assert _index(weaviate_client, collection) == indexed
+    assert indexed_texts(weaviate_client, collection) == indexed
