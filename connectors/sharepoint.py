@@ -405,16 +405,7 @@ class SharePointConnector:
                 continue
             after = int(listing.get("after", 0)) if listing and index == resume_at else 0
             for rows, more in self._pages_of_items(lib, ITEM_FIELDS, after):
-                page = ChangePage(changes=[])
-                for row in rows:
-                    if self._is_folder(row):
-                        continue
-                    seen.add(self._doc_id(row))
-                    change = self._compare(lib, row, known)
-                    if change is None:
-                        page.unchanged += 1
-                    else:
-                        page.changes.append(change)
+                page = self._page(lib, rows, known, seen)
                 last = not more and index == len(libraries) - 1
                 if last and not listing and not set(known) - seen:
                     page.cursor = done  # the listing is complete once this page is committed
@@ -528,16 +519,7 @@ class SharePointConnector:
                 continue
             cutoff = None if lib in added else since[lib.id] - CLOCK_SKEW
             for rows, _ in self._pages_of_items(lib, ITEM_FIELDS, modified_since=cutoff):
-                page = ChangePage(changes=[])
-                for row in rows:
-                    if self._is_folder(row):
-                        continue
-                    decided.add(self._doc_id(row))
-                    change = self._compare(lib, row, known)
-                    if change is None:
-                        page.unchanged += 1
-                    else:
-                        page.changes.append(change)
+                page = self._page(lib, rows, known, decided)
                 yield page
         for lib in libraries:
             for rows, _ in self._pages_of_items(lib, ITEM_FIELDS):
@@ -586,6 +568,21 @@ class SharePointConnector:
         except requests.RequestException as error:
             raise self._explain(error, lib.title) from error
         return dict(item.properties)
+
+    def _page(self, lib: LibraryRef, rows: Iterable[dict[str, Any]],
+              known: Mapping[str, KnownDocument], seen: set[str]) -> ChangePage:
+        """The files of one page of list items compared with the index; their ids go to `seen`."""
+        page = ChangePage(changes=[])
+        for row in rows:
+            if self._is_folder(row):
+                continue
+            seen.add(self._doc_id(row))
+            change = self._compare(lib, row, known)
+            if change is None:
+                page.unchanged += 1
+            else:
+                page.changes.append(change)
+        return page
 
     def _compare(self, lib: LibraryRef, row: Mapping[str, Any],
                  known: Mapping[str, KnownDocument]) -> Change | None:
