@@ -186,11 +186,11 @@ def main() -> None:
                                           {**base_env, "HEADWATER_COLLECTION": collection})
         finally:
             from headwater.settings import get_settings
-            from tasks.index import connect_index
+            from tasks.index import connect_index, delete_index
 
             with connect_index(get_settings()) as client:
                 for collection in collections:
-                    client.collections.delete(collection)
+                    delete_index(client, collection)
             shutil.rmtree(work, ignore_errors=True)
 
     figures: dict[str, object] = {

@@ -136,7 +136,7 @@ def main() -> None:
     from headwater.settings import get_settings
     from tasks.chunk import chunk_documents
     from tasks.embed import encode, load_model
-    from tasks.index import connect_index
+    from tasks.index import connect_index, delete_index
     from tasks.parse import parse_document
 
     settings = get_settings()
@@ -169,7 +169,7 @@ def main() -> None:
     second_s = time.perf_counter() - started
 
     with connect_index(settings) as client:
-        client.collections.delete(collection)
+        delete_index(client, collection)
 
     figures = {
         "documents": args.documents,

@@ -74,6 +74,37 @@ class Connector(Protocol):
     def fetch(self, change: Change) -> SourceDocument: ...
 
 
+@runtime_checkable
+class ChangesFor(Protocol):
+    """An optional capability: what changed of the documents a notification named, decided by
+    looking at each of them now. Without it, notified changes are read by `list_changes`."""
+
+    def changes_for(
+        self, doc_ids: Iterable[str], known: Mapping[str, KnownDocument]
+    ) -> ChangePage: ...
+
+
+def named_page(
+    doc_ids: Iterable[str],
+    known: Mapping[str, KnownDocument],
+    look: Callable[[str], tuple[bool, Change | None]],
+) -> ChangePage:
+    """A page of changes for named documents. `look` says whether a document is there and, if
+    so, its change as a listing would report it (None when unchanged); one that is not there is
+    deleted if the index holds it, and ignored if not."""
+    page = ChangePage(changes=[])
+    for doc_id in dict.fromkeys(doc_ids):
+        present, change = look(doc_id)
+        if not present:
+            if doc_id in known:
+                page.changes.append(Change(doc_id, ChangeKind.DELETED))
+        elif change is None:
+            page.unchanged += 1
+        else:
+            page.changes.append(change)
+    return page
+
+
 def listing_pages(
     listing: Iterable[tuple[str, Change | None]],
     known: Mapping[str, KnownDocument],

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from fnmatch import fnmatch
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from connectors.base import (
     Change,
@@ -16,6 +16,7 @@ from connectors.base import (
     ConnectionCheck,
     Cursor,
     listing_pages,
+    named_page,
 )
 from headwater.config import SourceConfig
 from headwater.records import SourceDocument
@@ -50,7 +51,8 @@ class FolderConnector:
             return ConnectionCheck(False, f"folder {self.root} is not readable")
         return ConnectionCheck(True, f"folder {self.root} is readable")
 
-    def _wanted(self, rel: str) -> bool:
+    def wants(self, rel: str) -> bool:
+        """Whether a path under the root is a document of this source (include/exclude)."""
         def matches(pattern: str) -> bool:
             # "**/x" should also match "x" at the root, as in most glob dialects.
             return fnmatch(rel, pattern) or (pattern.startswith("**/") and fnmatch(rel,
@@ -64,15 +66,28 @@ class FolderConnector:
             for name in sorted(files):
                 path = Path(directory) / name
                 rel = path.relative_to(self.root).as_posix()
-                if not self._wanted(rel):
-                    continue
-                if path.is_symlink():
-                    target = path.resolve()
-                    if not target.is_relative_to(self.root) or not target.is_file():
-                        continue
-                elif not path.is_file():
-                    continue
-                yield rel, path
+                if self._indexable(rel, path):
+                    yield rel, path
+
+    def _indexable(self, rel: str, path: Path) -> bool:
+        if not self.wants(rel):
+            return False
+        if path.is_symlink():
+            target = path.resolve()
+            return target.is_relative_to(self.root) and target.is_file()
+        return path.is_file()
+
+    def _named(self, rel: str) -> Path | None:
+        """The file a document id names, if a listing would include it."""
+        parts = PurePosixPath(rel).parts
+        if not parts or PurePosixPath(rel).is_absolute() or {"..", "."} & set(parts) or (
+                "/".join(parts) != rel):
+            return None  # not an id a listing makes: never look outside the root
+        path = self.root.joinpath(*parts)
+        # A listing does not descend into linked folders, so neither does a notification.
+        if Path(os.path.realpath(path.parent)) != path.parent:
+            return None
+        return path if self._indexable(rel, path) else None
 
     def list_changes(
         self, cursor: Cursor | None, known: Mapping[str, KnownDocument]
@@ -84,6 +99,15 @@ class FolderConnector:
         listing = ((rel, self._compare(rel, path, known.get(rel))) for rel, path in self._files())
         # A folder cannot report deletions: whatever the index holds that is gone was deleted.
         yield from listing_pages(listing, known, self.page_size)
+
+    def changes_for(self, doc_ids: Iterable[str],
+                    known: Mapping[str, KnownDocument]) -> ChangePage:
+        def look(rel: str) -> tuple[bool, Change | None]:
+            path = self._named(rel)
+            return (False, None) if path is None else (True, self._compare(rel, path,
+                                                                           known.get(rel)))
+
+        return named_page(doc_ids, known, look)
 
     def _compare(self, rel: str, path: Path, known: KnownDocument | None) -> Change | None:
         stat = path.stat()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -26,6 +26,7 @@ from connectors.base import (
     Cursor,
     Retry,
     listing_pages,
+    named_page,
     retry_after_seconds,
 )
 from headwater.config import ConfigError, SourceConfig
@@ -204,6 +205,27 @@ class S3Connector:
             if not listing.get("IsTruncated"):
                 return
             request["ContinuationToken"] = listing["NextContinuationToken"]
+
+    def changes_for(self, doc_ids: Iterable[str],
+                    known: Mapping[str, KnownDocument]) -> ChangePage:
+        """Each named key looked up with a one-key listing (not HEAD), so its ETag, size and
+        LastModified are exactly what a full listing would compare."""
+        keys = list(dict.fromkeys(doc_ids))
+        found: dict[str, dict[str, Any]] = {}
+        for key in keys:
+            if not key.startswith(self.prefix) or key.endswith("/"):
+                continue
+            listing = self._call(lambda key=key: self.client.list_objects_v2(
+                Bucket=self.bucket, Prefix=key, MaxKeys=1))
+            found.update({o["Key"]: o for o in listing.get("Contents", []) if o["Key"] == key})
+        readers = self._readers_of(list(found))
+
+        def look(key: str) -> tuple[bool, Change | None]:
+            if key not in found:
+                return False, None
+            return True, self._compare(found[key], readers[key], known.get(key))
+
+        return named_page(keys, known, look)
 
     def _readers_of(self, keys: list[str]) -> dict[str, tuple[str, ...]]:
         configured = {k: tuple(self.config.principals_for(self._relative(k))) for k in keys}

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterable
+
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import opaque
 
 from headwater.errors import retry_transient
+from headwater.logs import configure_logging
 from headwater.metrics import record_sync_run
-from headwater.settings import get_settings
+from headwater.settings import Settings, get_settings
 from headwater.state import SourceBusy
 from tasks import ingest
+
+if flow_run.id:
+    # A deployment's run starts in Prefect's engine, not in the CLI, which sets logging up.
+    configure_logging()
 
 # Stages run in the flow's process, on batches; only transient failures are retried.
 _stage = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 5,
@@ -52,20 +62,58 @@ def publish_summary(summary: dict) -> dict:
     return summary
 
 
-@flow(name="sync-source", log_prints=True)
+def sync_task_runner(settings: Settings) -> TaskRunner:
+    """Where a sync's batches are embedded and written (HEADWATER_TASK_RUNNER): threads of the
+    flow's process, or the worker processes of a Dask cluster, at HEADWATER_DASK_ADDRESS or a
+    local one started for the run."""
+    if settings.task_runner == "thread":
+        return ThreadPoolTaskRunner()
+    from prefect_dask import DaskTaskRunner
+
+    if settings.dask_address:
+        return DaskTaskRunner(address=settings.dask_address)
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": settings.dask_workers, "threads_per_worker": 1, "processes": True,
+        "dashboard_address": None})
+
+
+def _on_threads() -> bool:
+    context = FlowRunContext.get()
+    return context is None or isinstance(context.task_runner, ThreadPoolTaskRunner)
+
+
+def _bare(value: object) -> object:
+    return value
+
+
+# Chosen where the flow is imported: a deployment's worker reads its own environment.
+@flow(name="sync-source", log_prints=True, task_runner=sync_task_runner(get_settings()))
 def sync_source(source: str, full: bool = False, allow_mass_delete: bool = False) -> dict | State:
     """Sync one configured source into Weaviate; one run per source at a time."""
     try:
         ctx = opaque(open_sync(get_settings(), source, full, flow_run.id))
     except SourceBusy as busy:
         return Cancelled(message=str(busy))
-    summary, deletions = ingest.SyncSummary(source), ingest.HeldDeletions()
-    writes = _Writes(ctx, summary)
+    summary = ingest.SyncSummary(source)
     try:
-        for batch in ingest.list_pages(ctx.unwrap()):
+        index_pages(ctx, ingest.list_pages(ctx.unwrap()), summary, allow_mass_delete)
+    except BaseException as error:
+        publish_summary(ingest.close_sync(ctx.unwrap(), summary, "failed",
+                                          f"{type(error).__name__}: {error}"))
+        raise
+    return publish_summary(ingest.close_sync(ctx.unwrap(), summary, "completed"))
+
+
+def index_pages(ctx: opaque, pages: Iterable[ingest.Batch], summary: ingest.SyncSummary,
+                allow_mass_delete: bool) -> None:
+    """Pages of changes through every stage into the index, deletions last (the flows that
+    index changes share it: `sync_source` and `ingest_changes`)."""
+    deletions, writes = ingest.HeldDeletions(), _Writes(ctx, summary)
+    try:
+        for batch in pages:
             batch = deletions.hold(batch)
             for stage in (fetch_documents, parse_documents, validate_documents, redact_pii,
-                          chunk_documents, embed_chunks):
+                          chunk_documents, *writes.embedding_here):
                 batch = stage(ctx, opaque(batch)) if batch.changes else batch
             writes.submit(batch)
         writes.finish()
@@ -73,32 +121,48 @@ def sync_source(source: str, full: bool = False, allow_mass_delete: bool = False
         for batch in deletions.batches(ctx.unwrap().source.batch_size):
             writes.submit(batch)
         writes.finish()
-    except BaseException as error:
+    except BaseException:
         writes.drain()  # never release the lock under a write still in flight
-        publish_summary(ingest.close_sync(ctx.unwrap(), summary, "failed",
-                                          f"{type(error).__name__}: {error}"))
         raise
-    return publish_summary(ingest.close_sync(ctx.unwrap(), summary, "completed"))
 
 
 class _Writes:
-    """Batch N is validated, indexed and committed while batch N+1 is prepared; commits stay
-    in order, and a batch that fails validation is never written."""
+    """Batch N is validated, indexed and committed while batch N+1 is prepared (on Dask, also
+    embedded, a batch per worker); commits stay in order, and a batch that fails validation is
+    never written."""
 
     def __init__(self, ctx: opaque, summary: ingest.SyncSummary) -> None:
-        self.ctx, self.summary, self.pending = ctx, summary, None
+        self.ctx, self.summary, self.pending = ctx, summary, deque()
+        self.threads = _on_threads()
+        self.depth = 1 if self.threads else ctx.unwrap().settings.dask_workers
+        # On threads the flow embeds batch N+1 while the writer writes batch N; on Dask the
+        # workers embed, the costly stage, several batches at once.
+        self.embedding_here = (embed_chunks,) if self.threads else ()
 
     def submit(self, batch: ingest.Batch) -> None:
-        self.finish()
-        validated = validate_chunks.submit(self.ctx, opaque(batch))
-        indexed = index_chunks.submit(self.ctx, opaque(validated))
-        self.pending = commit_batch.submit(self.ctx, opaque(indexed))
+        while len(self.pending) >= self.depth:
+            self._collect()
+        # To a Dask worker goes a context of the batch's own; and Prefect's annotations do not
+        # survive that trip (they arrive as tuples), so values travel bare.
+        ctx, wrap = (self.ctx, opaque) if self.threads else (
+            self.ctx.unwrap().for_batch(batch), _bare)
+        embedded = batch if self.threads or not batch.chunks else embed_chunks.submit(
+            ctx, wrap(batch))
+        validated = validate_chunks.submit(ctx, wrap(embedded))
+        indexed = index_chunks.submit(ctx, wrap(validated))
+        # A batch's cursor is committed only after every batch before it.
+        self.pending.append(commit_batch.submit(ctx, wrap(indexed),
+                                                wait_for=list(self.pending)[-1:] or None))
 
     def finish(self) -> None:
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            self.summary.add(pending.result())
+        while self.pending:
+            self._collect()
+
+    def _collect(self) -> None:
+        batch = self.pending.popleft().result()
+        for verdict in batch.verdicts:  # found in another process (Dask)
+            self.ctx.unwrap().quality.record(verdict)
+        self.summary.add(batch)
 
     def drain(self) -> None:
-        if self.pending is not None:
-            wait([self.pending])
+        wait(list(self.pending))

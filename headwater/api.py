@@ -33,11 +33,15 @@ from headwater.auth import (
     require,
 )
 from headwater.errors import HeadwaterError, IndexUnavailable
-from headwater.metrics import AnswerMetrics, FlowMetrics
+from headwater.feedback import router as feedback_router
+from headwater.logs import bound_contextvars, get_logger
+from headwater.metrics import AnswerMetrics, FeedbackMetrics, FlowMetrics
+from headwater.notifications import router as notifications_router
 from headwater.records import Caller, QueryRequest, QueryResponse
 from headwater.settings import Settings, get_settings
 from headwater.state import AuditWriter, StateStore
 
+log = get_logger(__name__)
 STATUS_OF = {AuthError: (401, "unauthorized"), Forbidden: (403, "forbidden"),
              IndexUnavailable: (503, "index_unavailable")}
 
@@ -131,10 +135,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Headwater", version="0.1.0", lifespan=lifespan,
                   description="Permission-aware answers with citations over company knowledge.")
     app.state.settings = settings
+    # What /v1/feedback needs: the store and audit writer (set at startup) and its counters.
+    app.state.services = state
+    app.state.feedback_metrics = FeedbackMetrics.create(metrics.registry)
 
     @app.middleware("http")
-    async def measure(request: Request, call_next: Any) -> Response:
+    async def identify(request: Request, call_next: Any) -> Response:
         request.state.request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+        # Every line logged while serving the request carries its id, nested calls included.
+        with bound_contextvars(request_id=request.state.request_id):
+            return await measure(request, call_next)
+
+    async def measure(request: Request, call_next: Any) -> Response:
         started = time.perf_counter()
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > settings.api_max_body_bytes:
@@ -148,6 +160,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         labels = (path, request.method, str(response.status_code))
         metrics.requests.labels(*labels).inc()
         metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+        log.info("request served", method=request.method, route=path,
+                 status=response.status_code,
+                 duration_ms=round((time.perf_counter() - started) * 1000, 1))
         response.headers["x-request-id"] = request.state.request_id
         return response
 
@@ -156,6 +171,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         status, code = next(((s, c) for kind, (s, c) in STATUS_OF.items()
                              if isinstance(error, kind)), (500, "internal_error"))
         metrics.errors.labels(type(error).__name__).inc()
+        log.warning("request refused", code=code, error=type(error).__name__,
+                    detail=error.log_message)
         return _error(status, code, error.user_message, request.state.request_id)
 
     @app.exception_handler(RequestValidationError)
@@ -164,6 +181,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         details = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in error.errors()]
         return _error(422, "invalid_request", "the request body is not valid",
                       request.state.request_id, details)
+
+    app.include_router(notifications_router)
+    app.include_router(feedback_router)
 
     @app.post("/v1/query", response_model=QueryResponse,
               responses={401: {}, 403: {}, 413: {}, 422: {}, 503: {}})

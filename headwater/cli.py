@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from headwater import stack
 from headwater.errors import HeadwaterError
+from headwater.logs import configure_logging
 from headwater.settings import get_settings, settings_table
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -18,6 +20,17 @@ quality_app = typer.Typer(no_args_is_help=True, help="Data quality gates (Great 
 app.add_typer(quality_app, name="quality")
 audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit trail.")
 app.add_typer(audit_app, name="audit")
+eval_app = typer.Typer(no_args_is_help=True, help="Retrieval quality on labelled query sets.")
+app.add_typer(eval_app, name="eval")
+privacy_app = typer.Typer(no_args_is_help=True,
+                          help="Data-subject requests (GDPR/CCPA) and retention purges.")
+app.add_typer(privacy_app, name="privacy")
+
+
+@app.callback()
+def _logging() -> None:
+    # Before any command runs, so its first line is already in HEADWATER_LOG_FORMAT.
+    configure_logging()
 
 
 def _fail(error: HeadwaterError) -> None:
@@ -102,14 +115,21 @@ def status(
 
 
 @app.command()
-def build() -> None:
+def build(
+    promtool: bool = typer.Option(
+        False, "--promtool", help="Also build Prometheus's promtool, which checks the alert "
+        "rules in deployments/prometheus (the test suite needs it)."),
+) -> None:
     """Build the pinned Weaviate server once (`go install`), cached under the cache dir."""
     settings = get_settings()
     try:
         binary = stack.weaviate_binary(settings)
+        checker = stack.promtool_binary(settings) if promtool else None
     except HeadwaterError as error:
         _fail(error)
     typer.echo(f"weaviate-server v{settings.weaviate_version}: {binary}")
+    if checker is not None:
+        typer.echo(f"promtool v{stack.PROMTOOL_VERSION}: {checker}")
 
 
 @app.command()
@@ -142,6 +162,60 @@ def sync(
         typer.echo(f"error: sync of {source!r} failed: {message}", err=True)
         raise typer.Exit(1)
     typer.echo(summary_markdown(state.result()))
+
+
+@app.command()
+def reindex(
+    reason: str = typer.Option("", "--reason", help="Why, for the audit trail."),
+    keep_old: bool = typer.Option(
+        False, "--keep-old", help="Keep the replaced collection (for a rollback by hand)."),
+) -> None:
+    """Re-read every source into a new versioned collection, then switch the index alias to it
+    in one call; queries go on meanwhile, and on any failure they stay on the old one."""
+    from flows.reindex import reindex as reindex_flow
+
+    state = reindex_flow(reason, keep_old, _operator(), return_state=True)
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        message = error.user_message if isinstance(error, HeadwaterError) else str(error)
+        typer.echo(f"error: reindex failed: {message}", err=True)
+        raise typer.Exit(1)
+    result = state.result()
+    typer.echo(f"{result['alias']} now points at {result['to']} (was {result['from']}); chunks "
+               "per source: " + ", ".join(f"{s} {n}" for s, n in result["chunks"].items()))
+    if result["deleted"]:
+        typer.echo("deleted: " + ", ".join(result["deleted"]))
+    if result.get("message"):
+        typer.echo(result["message"], err=True)
+
+
+@app.command()
+def watch(
+    source: str | None = typer.Option(None, help="Only this folder source."),
+    quiet: float = typer.Option(1.0, help="Seconds a folder must be quiet before a burst of "
+                                "changes is recorded."),
+) -> None:
+    """Watch folder sources and record their changes for the `ingest-changes` deployment."""
+    import time
+
+    from headwater.config import load_sources
+    from headwater.watch import folder_sources, watch_folders
+
+    settings = get_settings()
+    try:
+        sources = folder_sources(load_sources(settings.config), source)
+        watcher = watch_folders(settings, sources, quiet)
+    except HeadwaterError as error:
+        _fail(error)
+    typer.echo("watching " + ", ".join(f"{s.name} ({watcher.connectors[s.name].root})"
+                                       for s in sources) + "; Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        watcher.stop()
 
 
 @app.command()
@@ -255,6 +329,93 @@ def audit_export(
         typer.echo(f"wrote {written} audit entries to {output}")
 
 
+def _run_request(kind: str, emails: list[str] | None, phones: list[str] | None,
+                 names: list[str] | None, requested_by: str, **options: object) -> None:
+    """Run the data-subject-request flow here and print its one-screen summary."""
+    from pydantic import SecretStr
+
+    from flows.privacy import data_subject_request
+    from tasks.privacy import CLI_KINDS, request_markdown
+
+    given = {"email": emails, "phone": phones, "name": names}
+    identifiers = {CLI_KINDS[option]: [SecretStr(v) for v in values]
+                   for option, values in given.items() if values}
+    state = data_subject_request(kind, identifiers, requested_by, return_state=True, **options)
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        message = error.user_message if isinstance(error, HeadwaterError) else str(error)
+        typer.echo(f"error: the {kind} request failed: {message}", err=True)
+        raise typer.Exit(1)
+    typer.echo(request_markdown(state.result()))
+
+
+_EMAIL = typer.Option(None, "--email", help="An e-mail address of the person (repeatable).")
+_PHONE = typer.Option(None, "--phone", help="A phone number of the person (repeatable).")
+_NAME = typer.Option(None, "--name", help="The person's name (repeatable).")
+_BY = typer.Option(..., "--requested-by", help="Who asks (the privacy officer), for the audit.")
+
+
+@privacy_app.command("access")
+def privacy_access(
+    email: list[str] | None = _EMAIL, phone: list[str] | None = _PHONE,
+    name: list[str] | None = _NAME, requested_by: str = _BY,
+    output: str | None = typer.Option(None, "--output", "-o",
+                                      help="Write the JSON export here (default: data dir)."),
+) -> None:
+    """Export every indexed document and chunk that mentions the person, as JSON."""
+    _run_request("access", email, phone, name, requested_by, output=output)
+
+
+@privacy_app.command("export")
+def privacy_export(
+    email: list[str] | None = _EMAIL, phone: list[str] | None = _PHONE,
+    name: list[str] | None = _NAME, requested_by: str = _BY,
+    output: str | None = typer.Option(None, "--output", "-o",
+                                      help="Write the JSON lines here (default: data dir)."),
+) -> None:
+    """Portability: the access export as JSON lines (format headwater.portability/1)."""
+    _run_request("portability", email, phone, name, requested_by, output=output)
+
+
+@privacy_app.command("erase")
+def privacy_erase(
+    email: list[str] | None = _EMAIL, phone: list[str] | None = _PHONE,
+    name: list[str] | None = _NAME, requested_by: str = _BY,
+    scope: str = typer.Option("chunks", help="chunks: only chunks mentioning the person; "
+                              "document: every document that mentions them."),
+) -> None:
+    """Erase the person from the index and keep them out of every later sync."""
+    _run_request("erasure", email, phone, name, requested_by, scope=scope)
+
+
+@privacy_app.command("rectify")
+def privacy_rectify(
+    email: list[str] | None = _EMAIL, phone: list[str] | None = _PHONE,
+    name: list[str] | None = _NAME, requested_by: str = _BY,
+    resync: bool = typer.Option(True, help="Re-sync the affected sources now."),
+) -> None:
+    """Erase old identifiers, then re-read their documents from the sources (the truth)."""
+    _run_request("rectification", email, phone, name, requested_by, resync=resync)
+
+
+_SOURCES = typer.Option(None, "--source", help="Only this source (repeatable).")
+
+
+@privacy_app.command("purge")
+def privacy_purge(source: list[str] | None = _SOURCES) -> None:
+    """Remove documents past their source's `retention:` from the index and the state."""
+    from flows.privacy import retention_purge
+    from tasks.privacy import retention_markdown
+
+    state = retention_purge(source or None, return_state=True)
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        message = error.user_message if isinstance(error, HeadwaterError) else str(error)
+        typer.echo(f"error: the retention purge failed: {message}", err=True)
+        raise typer.Exit(1)
+    typer.echo(retention_markdown(state.result()))
+
+
 @app.command()
 def api() -> None:
     """Serve the HTTP API (POST /v1/query, /healthz, /readyz, /metrics, /docs)."""
@@ -263,7 +424,10 @@ def api() -> None:
     from headwater.api import create_app
 
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port)
+    # uvicorn's loggers go through Headwater's formatter; the API logs each request itself,
+    # with its request id, so uvicorn's access lines would only repeat it without one.
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,
+                log_config=None, log_level="info", access_log=False)
 
 
 @app.command()
@@ -367,6 +531,108 @@ def config(markdown: bool = typer.Option(False, help="Print the README's table."
         return
     for name, value in get_settings().model_dump().items():
         typer.echo(f"HEADWATER_{name.upper()}={value}")
+
+
+def _evaluation_failed(state: object) -> None:
+    error = state.result(raise_on_failure=False)  # type: ignore[attr-defined]
+    if isinstance(error, HeadwaterError):
+        _fail(error)
+    typer.echo(f"error: the evaluation failed: {error}", err=True)
+    raise typer.Exit(1)
+
+
+@eval_app.command("run")
+def eval_run(
+    dataset: str = typer.Option(..., "--dataset", help="A query set: JSON lines of "
+                                '{"query", "relevant": (ids or urls), "grades"?, "id"?}.'),
+    variant: Annotated[list[str] | None, typer.Option(
+        "--variant", help="Repeatable; the first is the A/B baseline. A preset (default, "
+        "bm25, vector, mmr) or name:key=value,... with alpha, top_k, mmr, "
+        "max_chunks_per_doc, collection (e.g. top1:top_k=1).")] = None,
+    principal: Annotated[list[str] | None, typer.Option(
+        "--principal", help="Repeatable: ask as user:<id> / group:<id> (default: public "
+        "documents only).")] = None,
+    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+) -> None:
+    """Score retrieval variants on a query set; results are stored to compare over time."""
+    import json
+
+    from flows.evaluate import evaluate_retrieval
+    from headwater.records import Caller
+    from tasks.evaluate import parse_variant, report_markdown
+
+    variant, principal = variant or ["default"], principal or []
+    try:
+        for spec in variant:
+            parse_variant(spec)
+        Caller.from_principals(principal)
+    except HeadwaterError as error:
+        _fail(error)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--principal") from error
+    state = evaluate_retrieval(dataset, variant, principal, return_state=True)
+    if not state.is_completed():
+        _evaluation_failed(state)
+    report = state.result()
+    typer.echo(json.dumps(report, indent=2) if as_json else report_markdown(report))
+
+
+@eval_app.command("python-docs")
+def eval_python_docs(
+    html_dir: str = typer.Option("/usr/share/doc/python3.11/html", "--html-dir",
+                                 help="Python's HTML docs (Debian: python3.11-doc)."),
+    subset: str = typer.Option("library", "--subset",
+                               help="Pages under this folder (library, reference, ...) or all."),
+    pages: int = typer.Option(60, "--pages", help="At most this many pages, chosen with the "
+                              "seed (0: every page of the subset)."),
+    queries: int = typer.Option(300, "--queries", help="Index terms sampled as queries."),
+    seed: int = typer.Option(7, "--seed"),
+) -> None:
+    """The public benchmark: sync Python's docs, ask their index terms, compare BM25, vector
+    and hybrid retrieval. Installs nothing: the docs must be there."""
+    import importlib.util
+
+    from headwater.settings import PROJECT_ROOT
+    from tasks.evaluate import report_markdown
+
+    # bench/ holds scripts, not an installed package.
+    spec = importlib.util.spec_from_file_location("python_docs",
+                                                  PROJECT_ROOT / "bench" / "python_docs.py")
+    bench = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    try:
+        report = bench.run(Path(html_dir), subset, pages or None, queries, seed)
+    except HeadwaterError as error:
+        _fail(error)
+    typer.echo(f"{report['pages']} pages, {report['sync']['chunks_written']} chunks written "
+               f"by this run's sync\n")
+    typer.echo(report_markdown(report))
+
+
+@eval_app.command("history")
+def eval_history(
+    dataset: str | None = typer.Option(None, "--dataset", help="Only runs on this query set "
+                                       "(as it is now)."),
+    variant: str | None = typer.Option(None, "--variant", help="Only this variant."),
+    limit: int = typer.Option(20, "--limit"),
+) -> None:
+    """Stored evaluations, newest first, to follow a variant's metrics over time."""
+    from headwater.state import StateStore
+    from tasks.evaluate import METRICS, fingerprint, load_query_set
+
+    try:
+        found = fingerprint(load_query_set(dataset)) if dataset else None
+    except HeadwaterError as error:
+        _fail(error)
+    runs = StateStore(get_settings().resolved_state_db_url).evaluation_runs(found, variant,
+                                                                             limit)
+    typer.echo(f"{'when':<20}{'run':<38}{'variant':<16}{'set':<14}"
+               + "".join(f"{m:<11}" for m in METRICS) + "p95 ms")
+    for r in runs:
+        typer.echo(f"{r.at:%Y-%m-%d %H:%M}    {r.run_id:<38}{r.variant[:15]:<16}"
+                   f"{r.dataset_fingerprint[:12]:<14}"
+                   + "".join(f"{r.metrics.get(m, 0):<11}" for m in METRICS)
+                   + str(r.metrics.get("latency_p95_ms", "-")))
 
 
 if __name__ == "__main__":

@@ -85,6 +85,23 @@ class Throttling(BaseModel):
     cap_s: float = Field(default=60.0, gt=0, description="The longest single wait.")
 
 
+class Retention(BaseModel):
+    """How long a source's documents may stay indexed, judged by their source-side
+    modification time; a source without `retention:` keeps them as long as the source does."""
+
+    days: int = Field(ge=1, description="Documents last modified longer ago leave the index.")
+
+
+class Notifications(BaseModel):
+    """How a source's change notifications prove where they come from. Without a `secret` the
+    source accepts none: its changes are found by its scheduled syncs only."""
+
+    secret: SecretRef | None = Field(
+        default=None,
+        description="Key of the HMAC-SHA256 signature over a notification's body; for SharePoint "
+        "the subscription's clientState, for S3 the shared secret of its header.")
+
+
 # Least to most strict: when frameworks disagree about an entity type, the stricter one wins.
 Action = Literal["keep", "mask", "encrypt", "hash", "redact"]
 Classification = Literal["public", "internal", "confidential", "restricted"]
@@ -154,6 +171,8 @@ class SourceConfig(BaseModel):
     quality: QualityThresholds = Field(default_factory=QualityThresholds)
     throttling: Throttling = Field(default_factory=Throttling)
     compliance: Compliance = Field(default_factory=Compliance)
+    notifications: Notifications = Field(default_factory=Notifications)
+    retention: Retention | None = None
     base_dir: Path = Field(default=Path("."), exclude=True)
 
     @field_validator("params")

@@ -84,7 +84,7 @@ class CheckFailed(Exception):
 
 
 def weaviate_check(settings: Settings) -> str:
-    from tasks.index import CHUNK_PROPERTIES, connect_index
+    from tasks.index import CHUNK_PROPERTIES, alias_target, connect_index
 
     with connect_index(settings) as client:
         if not client.is_ready():
@@ -99,8 +99,11 @@ def weaviate_check(settings: Settings) -> str:
         if missing:
             raise CheckFailed(f"collection {settings.collection} lacks {', '.join(missing)}: "
                               "run a sync to add them")
-        return (f"Weaviate {version} at {settings.weaviate_url}; {settings.collection} has "
-                f"all {len(CHUNK_PROPERTIES)} properties")
+        # Which version queries use now (a reindex switches it); no alias: made before them.
+        target = alias_target(client, settings.collection)
+        return (f"Weaviate {version} at {settings.weaviate_url}; {settings.collection} "
+                f"(-> {target or 'a collection made before aliases'}) has all "
+                f"{len(CHUNK_PROPERTIES)} properties")
 
 
 def state_db_check(settings: Settings) -> str:

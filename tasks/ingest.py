@@ -9,28 +9,32 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from weaviate.classes.query import Filter
-from weaviate.exceptions import WeaviateBaseError
+from weaviate.exceptions import UnexpectedStatusCodeError, WeaviateBaseError
 
 from connectors import open_connector
 from connectors.base import Change, ChangeKind, ChangePage, Connector
 from headwater.config import SourceConfig, source_config
 from headwater.errors import IndexWriteError, QualityGateFailed, SourceError
+from headwater.logs import bind_contextvars, bound_contextvars, get_logger, unbind_contextvars
 from headwater.records import Chunk, SourceDocument
 from headwater.settings import Settings
 from headwater.state import KnownDocument, StateStore
 from tasks import chunk as chunking
 from tasks import compliance, quality
-from tasks.embed import embed_texts, load_model
+from tasks.embed import embed_texts, load_embedder, load_model, model_path
+from tasks.embedding_backends import model_digest
 from tasks.index import connect_index, delete_where, ensure_collection, upsert_chunks
 from tasks.parse import DocumentRejected, ParsedDocument, parse_document
 
 SYNC_ACTOR = "system:sync"
+log = get_logger(__name__)
 STAGES = ("list", "fetch", "parse", "validate", "compliance", "chunk", "embed", "index",
           "commit")
 
@@ -60,10 +64,48 @@ class SyncContext:
     policy: compliance.Policy | None = None
     processing: str | None = None
     reread: str = ""  # why a run the caller did not ask to be full became one
+    borrowed_lock: bool = False  # the caller (a reindex) holds the source's lock and frees it
+    # True in a copy unpickled in another process (a Dask worker).
+    travelled: bool = field(default=False, init=False, repr=False)
 
     @property
     def run_name(self) -> str:
         return f"{self.source.name}-{self.run_id}"
+
+    def for_batch(self, batch: Batch) -> SyncContext:
+        """A copy to send with one batch to another process: of the documents known, only the
+        batch's own, the only ones its stages look up."""
+        ids = {c.doc_id for c in batch.changes}
+        return replace(self, known={d: self.known[d] for d in ids if d in self.known})
+
+    def __getstate__(self) -> dict[str, Any]:
+        # What crosses to a worker is names, settings and known documents; the live objects
+        # (connector, state store) are opened again there, the store's engine once per process.
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("connector", "store", "quality")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.travelled = True
+        self.connector = _ReopenedConnector(self.source)  # type: ignore[assignment]
+        self.store = StateStore(self.settings.resolved_state_db_url)
+        # This copy's findings go back to the flow with the batch (Batch.verdicts).
+        self.quality = quality.QualityLedger()
+
+
+class _ReopenedConnector:
+    """A worker's connector, opened at its first use: workers embed and write, and rarely
+    read the source (whose credentials they may not even have)."""
+
+    def __init__(self, config: SourceConfig) -> None:
+        self._config, self._connector = config, None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # pickle and copy probe private names before __init__ ran
+            raise AttributeError(name)
+        if self._connector is None:
+            self._connector = open_connector(self._config)
+        return getattr(self._connector, name)
 
 
 @dataclass
@@ -83,9 +125,22 @@ class Batch:
     chunks_written: int = 0
     chunks_deleted: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # Ordinals of chunks not indexed because they mention an erased (suppressed) subject.
+    withheld: dict[str, list[int]] = field(default_factory=dict)
+    # Documents past the source's retention, with their source-side modification time.
+    expired: dict[str, datetime] = field(default_factory=dict)
+    # Chunks-suite findings made in another process, for the run's ledger in the flow's.
+    verdicts: list[quality.Verdict] = field(default_factory=list)
+    embedded_by: tuple[str, str] = ("", "")  # the model and the backend of `vectors`
 
     def of_kind(self, *kinds: ChangeKind) -> list[Change]:
         return [c for c in self.changes if c.kind in kinds]
+
+    def span(self, doc_id: str) -> int:
+        """How many chunks a document has, withheld ones included: ordinals keep their places,
+        so a withheld chunk leaves a gap rather than renumbering the ones after it."""
+        ordinals = [c.ordinal for c in self.chunks.get(doc_id, [])]
+        return max([*ordinals, *self.withheld.get(doc_id, [])], default=-1) + 1
 
 
 @dataclass
@@ -100,8 +155,10 @@ class SyncSummary:
     unchanged: int = 0
     permissions: int = 0
     quarantined: int = 0
+    expired: int = 0  # past the source's retention: skipped, not quarantined
     chunks_written: int = 0
     chunks_deleted: int = 0
+    suppressed: int = 0  # chunks withheld because they mention an erased subject
     embedded: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     message: str = ""
@@ -111,7 +168,7 @@ class SyncSummary:
     def add(self, batch: Batch) -> None:
         rejected = {r.doc_id for r in batch.rejected}
         for change in batch.changes:
-            if change.doc_id in rejected:
+            if change.doc_id in rejected or change.doc_id in batch.expired:
                 continue
             if change.kind is ChangeKind.ADDED:
                 self.new += 1
@@ -125,6 +182,8 @@ class SyncSummary:
                 self.unchanged += 1
         self.unchanged += batch.unchanged
         self.quarantined += len(rejected)
+        self.expired += len(batch.expired)
+        self.suppressed += sum(map(len, batch.withheld.values()))
         self.chunks_written += batch.chunks_written
         self.chunks_deleted += batch.chunks_deleted
         self.embedded += batch.embedded
@@ -178,24 +237,31 @@ def _timed(batch: Batch, stage: str) -> Iterator[None]:
 # -- opening and closing a run ---------------------------------------------------------------
 
 
-def open_sync(settings: Settings, source: str, full: bool,
-              flow_run_id: str | None = None) -> SyncContext:
-    """Take the source's lock and record the run; raises SourceBusy if another run holds it."""
+def open_sync(settings: Settings, source: str, full: bool, flow_run_id: str | None = None,
+              collection: str | None = None, lock_owner: str | None = None) -> SyncContext:
+    """Take the source's lock and record the run; raises SourceBusy if another run holds it.
+
+    A reindex names the collection to write (not the alias) and the lock it already holds.
+    """
     config = source_config(settings.config, source)
     # A policy that cannot run (no key, unknown framework) stops the run before it starts.
     policy = compliance.load_policy(config, settings)
     connector = open_connector(config)
     store = StateStore(settings.resolved_state_db_url)
     store.ensure_source(config.name, config.type)
-    owner = store.acquire_lock(config.name)
+    owner = lock_owner or store.acquire_lock(config.name)
+    collection = collection or settings.collection
     try:
         check = connector.test_connection()
         if not check.ok:
             raise SourceError(f"source {source!r}: {check.message}")
         with connect_index(settings) as client:
-            ensure_collection(client, settings.collection)
+            ensure_collection(client, collection)
         # Once per process, before the clock of any stage starts.
         load_model(settings.embedding_model)
+        # An ONNX or OpenVINO export happens here at first use, and a refused backend stops
+        # the run before it starts.
+        load_embedder(settings.embedding_model, settings.embedding_backend, settings.cache_dir)
         quality.quality_gate(str(data_docs_dir(settings)))
         known = store.known_documents(config.name)
         processing = processing_fingerprint(settings, config, policy)
@@ -213,16 +279,25 @@ def open_sync(settings: Settings, source: str, full: bool,
                      for k, d in known.items()}
         run_id = store.start_run(config.name, flow_run_id)
     except BaseException:
-        store.release_lock(config.name, owner)
+        if lock_owner is None:
+            store.release_lock(config.name, owner)
         raise
-    return SyncContext(settings, config, connector, store, settings.collection, run_id, owner,
-                       known, full, policy=policy, processing=processing, reread=reread)
+    # Every later line of the run, in nested calls and submitted tasks too, carries its ids:
+    # run_id is the audit trail's, flow_run_id the Prefect UI's.
+    bind_contextvars(run_id=run_id, flow_run_id=flow_run_id, source=config.name)
+    log.info("sync started", full=full, reread=reread or None)
+    return SyncContext(settings, config, connector, store, collection, run_id, owner,
+                       known, full, policy=policy, processing=processing, reread=reread,
+                       borrowed_lock=lock_owner is not None)
 
 
 def processing_fingerprint(settings: Settings, config: SourceConfig,
                            policy: compliance.Policy | None) -> str:
     """What decides the indexed text and vectors besides the source itself."""
-    facts: dict[str, Any] = {"model": settings.embedding_model,
+    # The model by name and by its files' hash: another model needs a reindex. The backend
+    # is left out on purpose: backends within the accuracy guard give interchangeable vectors.
+    facts: dict[str, Any] = {"model": [settings.embedding_model,
+                                       model_digest(model_path(settings.embedding_model))],
                              "chunk": [settings.chunk_tokens, settings.chunk_overlap]}
     if policy is not None:
         key_check = hmac.new(policy.subject_key.get_secret_value().encode(), b"headwater",
@@ -252,7 +327,10 @@ def data_docs_dir(settings: Settings) -> Path:
 
 def close_sync(ctx: SyncContext, summary: SyncSummary, status: str, message: str = "") -> dict:
     summary.status = status
-    summary.message = "; ".join(m for m in (ctx.reread, message) if m)
+    expired = (f"{summary.expired} documents last modified more than "
+               f"{ctx.source.retention.days} days ago were not indexed (the source's "
+               "retention)" if summary.expired and ctx.source.retention else "")
+    summary.message = "; ".join(m for m in (ctx.reread, expired, message) if m)
     summary.quality = ctx.quality.rows()
     # The run's decision, in the audit trail beside the queries it will serve.
     ctx.store.append_audit(SYNC_ACTOR, "ingest.sync", f"source:{ctx.source.name}", status,
@@ -263,21 +341,42 @@ def close_sync(ctx: SyncContext, summary: SyncSummary, status: str, message: str
         summary.data_docs = str(gate.build_docs(ctx.quality.result_ids))
     result = summary.as_dict()
     ctx.store.finish_run(ctx.run_id, status, result, ctx.processing)
-    ctx.store.release_lock(ctx.source.name, ctx.lock_owner)
+    if not ctx.borrowed_lock:
+        ctx.store.release_lock(ctx.source.name, ctx.lock_owner)
+    (log.info if status == "completed" else log.error)(
+        "sync finished", status=status, message=summary.message or None,
+        **{k: v for k, v in result.items() if isinstance(v, int)})
+    unbind_contextvars("run_id", "flow_run_id", "source")
     return result
 
 
 # -- the stages --------------------------------------------------------------------------------
 
 
+def retention_cutoff(source: SourceConfig, now: datetime | None = None) -> datetime | None:
+    """Documents last modified before this are past the source's retention (None: kept)."""
+    if source.retention is None:
+        return None
+    return (now or datetime.now(UTC)) - timedelta(days=source.retention.days)
+
+
 def fetch_documents(ctx: SyncContext, batch: Batch) -> Batch:
     with _timed(batch, "fetch"):
+        cutoff = retention_cutoff(ctx.source)
         for change in batch.of_kind(ChangeKind.ADDED, ChangeKind.MODIFIED):
             try:
-                batch.documents.append(ctx.connector.fetch(change))
+                with bound_contextvars(doc_id=change.doc_id):
+                    document = ctx.connector.fetch(change)
             except DocumentRejected as rejected:
                 batch.rejected.append(Rejection(change.doc_id, rejected.stage, rejected.reason,
                                                 change.version))
+                continue
+            modified = document.modified
+            if cutoff and modified and modified.astimezone(UTC) < cutoff:
+                # Not an error: the retention purge removes what the index still holds of it.
+                batch.expired[document.doc_id] = modified
+                continue
+            batch.documents.append(document)
     return batch
 
 
@@ -285,7 +384,8 @@ def parse_documents(ctx: SyncContext, batch: Batch) -> Batch:
     with _timed(batch, "parse"):
         for document in batch.documents:
             try:
-                batch.parsed.append(parse_document(document))
+                with bound_contextvars(doc_id=document.doc_id):
+                    batch.parsed.append(parse_document(document))
             except DocumentRejected as rejected:
                 batch.rejected.append(Rejection(document.doc_id, rejected.stage, rejected.reason,
                                                 document.version))
@@ -357,6 +457,10 @@ def validate_chunks(ctx: SyncContext, batch: Batch) -> Batch:
                 "max_residual_pii_score": ctx.source.quality.max_residual_pii_score,
             }, ctx.run_name)
         ctx.quality.record(verdict)
+        if ctx.travelled:
+            # Without its result ids: they name this process's validation store, which the
+            # flow's data docs cannot render.
+            batch.verdicts.append(quality.Verdict(verdict.findings))
         _reject(batch, verdict.rejected())
     _check_failed_share(ctx, batch)
     return batch
@@ -393,19 +497,27 @@ def chunk_documents(ctx: SyncContext, batch: Batch) -> Batch:
         batch.chunks = chunking.chunk_documents(batch.parsed, model.tokenizer,
                                                 ctx.settings.chunk_tokens,
                                                 ctx.settings.chunk_overlap)
+        # Read per batch, so an erasure made while a sync runs holds from its next batch.
+        suppressed = ctx.store.suppressed_subjects() if ctx.policy is not None else {}
         for doc_id, chunks in batch.chunks.items():
             if doc_id in batch.findings:
                 batch.findings[doc_id].annotate(chunks)
+                if suppressed:
+                    kept, withheld = batch.findings[doc_id].withhold(chunks, suppressed)
+                    if withheld:
+                        batch.chunks[doc_id], batch.withheld[doc_id] = kept, withheld
     return batch
 
 
 def embed_chunks(ctx: SyncContext, batch: Batch) -> Batch:
     with _timed(batch, "embed"):
         texts = [c.text for chunks in batch.chunks.values() for c in chunks]
-        result = embed_texts(load_model(ctx.settings.embedding_model),
-                             ctx.settings.embedding_model, texts, ctx.store,
+        embedder = load_embedder(ctx.settings.embedding_model, ctx.settings.embedding_backend,
+                                 ctx.settings.cache_dir)
+        result = embed_texts(embedder, embedder.cache_key, texts, ctx.store,
                              ctx.settings.embedding_batch_size)
         batch.vectors, batch.embedded = result.vectors, result.embedded
+        batch.embedded_by = (embedder.model_name, embedder.backend)
     return batch
 
 
@@ -413,9 +525,16 @@ def _surplus_filter(ctx: SyncContext, batch: Batch) -> Filter | None:
     """Chunks left over from a longer earlier version of each rewritten document."""
     parts = [
         Filter.by_property("doc_id").equal(doc_id)
-        & Filter.by_property("ordinal").greater_or_equal(len(chunks))
-        for doc_id, chunks in batch.chunks.items()
-        if doc_id not in ctx.known or ctx.known[doc_id].chunk_count > len(chunks)
+        & Filter.by_property("ordinal").greater_or_equal(batch.span(doc_id))
+        for doc_id in batch.chunks
+        if doc_id not in ctx.known or ctx.known[doc_id].chunk_count > batch.span(doc_id)
+    ]
+    # A withheld chunk's earlier version, which did not mention the erased subject, goes too.
+    parts += [
+        Filter.by_property("doc_id").equal(doc_id)
+        & Filter.by_property("ordinal").contains_any(ordinals)
+        for doc_id, ordinals in batch.withheld.items()
+        if doc_id in batch.chunks and doc_id in ctx.known
     ]
     if not parts:
         return None
@@ -430,7 +549,8 @@ def index_chunks(ctx: SyncContext, batch: Batch) -> Batch:
     with _timed(batch, "index"), connect_index(ctx.settings) as client:
         chunks = [c for doc_chunks in batch.chunks.values() for c in doc_chunks]
         if chunks:
-            report = upsert_chunks(client, ctx.collection, chunks, batch.vectors)
+            report = upsert_chunks(client, ctx.collection, chunks, batch.vectors,
+                                   embedded_by=batch.embedded_by)
             batch.chunks_written += report.written
         deleted = [c.doc_id for c in batch.of_kind(ChangeKind.DELETED)]
         filters = [f for f in (
@@ -450,6 +570,12 @@ def index_chunks(ctx: SyncContext, batch: Batch) -> Batch:
                 try:
                     collection.data.update(uuid=probe.uuid,
                                            properties={"principals": list(change.principals)})
+                except UnexpectedStatusCodeError as error:
+                    if error.status_code == 404:
+                        continue  # a chunk erased by a data-subject request leaves a gap
+                    raise IndexWriteError(
+                        f"Could not update readers of {change.doc_id}", repr(error)
+                    ) from error
                 except WeaviateBaseError as error:
                     raise IndexWriteError(
                         f"Could not update readers of {change.doc_id}", repr(error)
@@ -463,11 +589,15 @@ def commit_batch(ctx: SyncContext, batch: Batch) -> Batch:
         rejected = {r.doc_id for r in batch.rejected}
         by_id = {c.doc_id: c for c in batch.changes}
         indexed, subjects, classifications = [], {}, {}
+        # Expired documents the index still holds get their time, for the retention purge.
+        modified = {d: t for d, t in batch.expired.items() if d in ctx.known}
         for parsed in batch.parsed:
             doc = parsed.document
             change = by_id[doc.doc_id]
             indexed.append((doc.doc_id, doc.version, change.fingerprint, doc.title,
-                            len(batch.chunks.get(doc.doc_id, [])), doc.principals))
+                            batch.span(doc.doc_id), doc.principals))
+            if doc.modified is not None:
+                modified[doc.doc_id] = doc.modified
             found = batch.findings.get(doc.doc_id)
             if found is not None and doc.doc_id not in rejected:
                 subjects[doc.doc_id] = found.subjects(batch.chunks.get(doc.doc_id, []))
@@ -486,9 +616,22 @@ def commit_batch(ctx: SyncContext, batch: Batch) -> Batch:
             cursor=batch.cursor,
             subjects=subjects,
             classifications=classifications,
+            modified={d: t for d, t in modified.items() if d not in rejected},
         )
+        # The ids from ctx too: on a Dask worker, the flow's bound context does not arrive.
+        # One line per document is for following an incident (HEADWATER_LOG_LEVEL=DEBUG): at
+        # INFO a sync of 100,000 documents would send 100,000 lines to the Prefect API.
+        run_log = log.bind(run_id=ctx.run_id, source=ctx.source.name)
+        for doc_id, version, *_ in indexed:
+            if doc_id not in rejected:
+                run_log.debug("document indexed", doc_id=doc_id, version=version)
+        for change in batch.of_kind(ChangeKind.DELETED):
+            run_log.debug("document deleted", doc_id=change.doc_id)
         for r in batch.rejected:
             ctx.store.quarantine(ctx.source.name, r.doc_id, r.stage, r.reason, r.version)
+            # Reasons name the problem, never the content (the audit entry holds the same).
+            run_log.warning("document quarantined", doc_id=r.doc_id, stage=r.stage,
+                            reason=r.reason)
         if batch.rejected:
             ctx.store.append_audit_entries([
                 (SYNC_ACTOR, "ingest.quarantine", f"{ctx.source.name}:{r.doc_id}", "rejected",
@@ -501,10 +644,10 @@ def commit_batch(ctx: SyncContext, batch: Batch) -> Batch:
 
 def summary_markdown(summary: dict) -> str:
     counts = ["new", "changed", "deleted", "unchanged", "permissions", "quarantined",
-              "chunks_written", "chunks_deleted", "embedded"]
+              "expired", "chunks_written", "chunks_deleted", "suppressed", "embedded"]
     lines = [f"# Sync of `{summary['source']}`: {summary['status']}", "",
              "| documents | count |", "| --- | ---: |"]
-    lines += [f"| {name.replace('_', ' ')} | {summary[name]} |" for name in counts]
+    lines += [f"| {name.replace('_', ' ')} | {summary.get(name, 0)} |" for name in counts]
     lines += ["", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {stage} | {seconds:.3f} |" for stage, seconds in summary["seconds"].items()]
     if summary.get("quality"):

@@ -110,11 +110,14 @@ def weaviate_client(local_stack: list[stack.ComponentStatus], settings: Settings
 
 @pytest.fixture
 def collection(weaviate_client, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A collection of this test's own, removed afterwards."""
+    """A collection (an alias and its versioned collections) of this test's own, removed
+    afterwards."""
+    from tasks.index import delete_index
+
     stem = re.sub(r"[^A-Za-z0-9]", "", request.node.name.title())[:40]
     name = f"Test{stem}{uuid.uuid4().hex[:8]}"
     yield name
-    weaviate_client.collections.delete(name)
+    delete_index(weaviate_client, name)
 
 
 def _postgres_bin() -> Path:

@@ -148,7 +148,10 @@ def test_a_source_override_beats_its_frameworks_and_the_quality_gate_follows() -
 
 @pytest.mark.parametrize(("source", "settings", "message"), [
     (_source(policy=["gdrp"]), _settings(), "unknown compliance frameworks ['gdrp']"),
-    (_source(policy=["gdpr"]), Settings(subject_key=None), "needs HEADWATER_SUBJECT_KEY"),
+    (_source(policy=["gdpr"]),
+     # A data dir without the local key file `headwater up` writes.
+     Settings(subject_key=None, data_dir=Path("/nonexistent/headwater")),
+     "needs HEADWATER_SUBJECT_KEY"),
     (_source(policy=["sox"]), _settings(), "encrypts ['IBAN_CODE', 'US_BANK_NUMBER']"),
     (_source(policy=["gdpr"], compliance={"actions": {"SSN": "keep"}}), _settings(),
      "no recognizer finds ['SSN']"),

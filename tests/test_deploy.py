@@ -6,8 +6,10 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -191,6 +193,9 @@ async def _remove(pool: str) -> None:
 
     async with get_client() as client:
         for deployment in await _deployments_on(pool):
+            # Deleting a deployment leaves its triggers' automations behind (Prefect 3.8).
+            await client.delete_resource_owned_automations(
+                f"prefect.deployment.{deployment.id}")
             await client.delete_deployment(deployment.id)
         await client.delete_work_pool(pool)
 
@@ -241,6 +246,156 @@ def test_prefect_deploy_all_registers_what_prefect_yaml_declares(local_stack, tm
     assert found["sync-demo"].schedules[0].schedule.interval == timedelta(hours=1)
     assert found["sync-demo"].global_concurrency_limit.limit == 1
     assert found["answer-query"].global_concurrency_limit is None  # many questions at once
+
+
+# -- a scheduled sync, unattended --------------------------------------------------------------
+
+EMPTY_PROJECT = """\
+name: headwater-scheduled-test
+prefect-version: 3.8.8
+pull:
+  - prefect.deployments.steps.set_working_directory:
+      directory: "{{ $PWD }}"
+deployments:
+"""
+
+
+async def _deployment_id(name: str) -> object:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return (await client.read_deployment_by_name(f"sync-source/{name}")).id
+
+
+async def _runs_of(deployment_id: object, *states: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+
+    wanted = FlowRunFilterState(type=FlowRunFilterStateType(any_=list(states))) if states else None
+    async with get_client() as client:
+        return await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]), state=wanted))
+
+
+async def _retire(deployment_id: object) -> list:
+    """Pause the deployment, cancel what it has running, delete it (and its scheduled runs);
+    returns the runs that were still going."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    async with get_client() as client:
+        await client.pause_deployment(deployment_id)
+        going = await _runs_of(deployment_id, "PENDING", "RUNNING")
+        for run in going:
+            await client.set_flow_run_state(run.id, Cancelling(), force=True)
+        await client.delete_deployment(deployment_id)
+        return going
+
+
+async def _flow_run(run_id: str) -> object:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await client.read_flow_run(run_id)
+
+
+async def _final(run_ids: list) -> bool:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return all((await client.read_flow_run(i)).state.is_final() for i in run_ids)
+
+
+def test_a_scheduled_sync_runs_unattended_and_indexes_the_source(
+        local_stack, tmp_path: Path, weaviate_client, collection: str) -> None:
+    from conftest import indexed_texts
+
+    from headwater.state import StateStore
+
+    token = uuid.uuid4().hex[:8]
+    pool, name = f"headwater-schedule-test-{token}", f"sync-handbook-{token}"
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "leave.md").write_text("# Leave\n\nEvery employee has 25 days.\n")
+    sources = _write_sources(tmp_path / "headwater.yaml", [{
+        "name": "handbook", "type": "folder", "params": {"root": "docs"},
+        "schedule": {"interval_s": 15}, "principals": {"": ["group:staff"]}}])
+    state_db = f"sqlite:///{tmp_path / 'state.db'}"
+    # The deployment as `headwater deploy` generates it, on a pool and with settings of this
+    # test's own (job variables are how a deployment's runs get their environment).
+    prefect_file = tmp_path / "prefect.yaml"
+    prefect_file.write_text(EMPTY_PROJECT)
+    project = yaml.safe_load(plan(prefect_file, sources, pool).refreshed)
+    (entry,) = project["deployments"]
+    assert entry["schedules"] == [{"interval": 15}]
+    entry["name"] = name
+    entry["work_pool"]["job_variables"] = {"env": {
+        "HEADWATER_CONFIG": str(sources), "HEADWATER_STATE_DB_URL": state_db,
+        "HEADWATER_COLLECTION": collection, "HEADWATER_DATA_DIR": str(tmp_path / "data"),
+        "HF_HUB_OFFLINE": "1"}}
+    prefect_file.write_text(yaml.safe_dump(project, sort_keys=False))
+
+    asyncio.run(_create_pool(pool))
+    worker_log = tmp_path / "worker.log"
+    worker, deployment_id = None, None
+    try:
+        deployed = subprocess.run(
+            [str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
+             str(prefect_file)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+            stdin=subprocess.DEVNULL)
+        assert deployed.returncode == 0, deployed.stdout[-4000:] + deployed.stderr[-4000:]
+        deployment_id = asyncio.run(_deployment_id(name))
+        with worker_log.open("wb") as log:
+            worker = subprocess.Popen(
+                [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
+                 "--name", f"schedule-test-{token}"], cwd=PROJECT_ROOT, stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "2"})
+        # Nobody starts a run: the server's scheduler creates them (a new deployment's within
+        # its 5 s "recent deployments" loop), the worker picks them up when they are due.
+        deadline = time.monotonic() + 30
+        while not asyncio.run(_runs_of(deployment_id)):
+            assert time.monotonic() < deadline, (
+                "the Prefect server's scheduler created no run of a new deployment in 30 s; "
+                f"see its log, {Settings().data_dir / 'logs/prefect-server.log'} (Prefect 3.8 "
+                "cannot insert scheduled runs with SQLAlchemy 2.1: 'Can't evaluate bulk DML')")
+            time.sleep(1)
+        deadline = time.monotonic() + 300
+        while not (done := asyncio.run(_runs_of(deployment_id, "COMPLETED"))):
+            broken = asyncio.run(_runs_of(deployment_id, "FAILED", "CRASHED"))
+            assert not broken, f"{broken[0].state}\n{worker_log.read_text()[-4000:]}"
+            assert worker.poll() is None, worker_log.read_text()[-4000:]
+            assert time.monotonic() < deadline, (
+                "no scheduled run completed in 300 s\n" + worker_log.read_text()[-4000:])
+            time.sleep(1)
+    finally:
+        if deployment_id is not None:
+            going = [run.id for run in asyncio.run(_retire(deployment_id))]
+            deadline = time.monotonic() + 60
+            while going and worker and worker.poll() is None and not asyncio.run(_final(going)):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+        if worker is not None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(timeout=10)
+        asyncio.run(_remove(pool))
+
+    assert all(run.auto_scheduled and run.created_by.type == "SCHEDULE" for run in done)
+    assert set(indexed_texts(weaviate_client, collection)) == {"leave.md"}
+    synced = StateStore(state_db).finished_run(source="handbook")
+    assert synced.status == "completed"
+    run = asyncio.run(_flow_run(synced.flow_run_id))
+    assert (run.deployment_id, run.state.type.value) == (deployment_id, "COMPLETED")
+    assert run.auto_scheduled and run.created_by.type == "SCHEDULE", run.created_by
 
 
 # -- production assets -----------------------------------------------------------------------

@@ -34,7 +34,7 @@ PUBLIC = "public/bp-200.md"
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, local_stack) -> Iterator[FolderSource]:
     """One small corpus, synced once, read by every test of this module."""
-    from tasks.index import connect_index
+    from tasks.index import connect_index, delete_index
 
     root = tmp_path_factory.mktemp("corpus")
     collection = f"TestQuery{uuid.uuid4().hex[:8]}"
@@ -56,7 +56,7 @@ def corpus(tmp_path_factory, local_stack) -> Iterator[FolderSource]:
             "HEADWATER_STATE_DB_URL"], jwt_secret=SECRET)
         yield source
         get_settings.cache_clear()
-        client.collections.delete(collection)
+        delete_index(client, collection)
 
 
 def _token(sub: str, groups: list[str], roles: list[str] | None = None, **extra: object) -> str:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -187,8 +188,17 @@ def test_a_permission_change_reaches_the_index_without_reembedding(
 
 
 def _start_cli_sync(folder: FolderSource) -> subprocess.Popen:
-    return subprocess.Popen([HEADWATER, "sync", "handbook"], env={**os.environ, **folder.env},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Output goes to a file: a pipe nobody reads until the end fills up and stalls the sync.
+    output = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the run)
+    run = subprocess.Popen([HEADWATER, "sync", "handbook"], env={**os.environ, **folder.env},
+                           stdout=output, stderr=subprocess.STDOUT, text=True)
+    run.output = output  # type: ignore[attr-defined]
+    return run
+
+
+def _output(run: subprocess.Popen) -> str:
+    run.output.seek(0)  # type: ignore[attr-defined]
+    return run.output.read()  # type: ignore[attr-defined]
 
 
 def _many_documents(folder: FolderSource, count: int) -> None:
@@ -201,7 +211,7 @@ def _wait_until_committed(folder: FolderSource, run: subprocess.Popen, documents
     """Until the running sync has committed at least this many documents."""
     deadline = time.monotonic() + 240
     while folder.store.document_count("handbook") < documents:
-        assert run.poll() is None, run.stdout.read()
+        assert run.poll() is None, _output(run)
         assert time.monotonic() < deadline, "the sync never committed a batch"
         time.sleep(0.05)
 
@@ -240,7 +250,7 @@ def test_two_concurrent_syncs_of_one_source_do_not_both_run(
     second = sync_source("handbook", return_state=True)
     assert second.is_cancelled()
     assert "already being synced" in second.message
-    assert first.wait(timeout=240) == 0, first.stdout.read()
+    assert first.wait(timeout=240) == 0, _output(first)
     assert folder.store.document_count("handbook") == 150
 
 
