@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -504,7 +505,8 @@ def test_a_burst_of_change_events_starts_few_runs_that_index_exactly_those_docum
     worker = subprocess.Popen(
         [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
         cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "2"})
+        env={**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+        start_new_session=True)  # its flow-run processes are stopped with it
     try:
         deployed = subprocess.run(
             [str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
@@ -533,8 +535,14 @@ def test_a_burst_of_change_events_starts_few_runs_that_index_exactly_those_docum
         runs = asyncio.run(_deployment_runs(name))
     finally:
         asyncio.run(_remove_deployment(name, pool))
-        worker.terminate()
-        worker.wait(timeout=30)
+        # A worker waits for the flow runs it started; one the trigger started late may still
+        # be running, so after a grace period the worker and its runs are killed.
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=10)
 
     assert 1 <= len(runs) <= 3, [(r.name, r.state.type) for r in runs]
     assert all(r.parameters == {"source": source} for r in runs)
