@@ -27,10 +27,10 @@ def ingest_changes(source: str) -> dict | State:
     if not changes.any_pending(get_settings(), source):
         return Completed(message=f"no change of {source!r} is pending")
     try:
-        ctx = opaque(open_sync(get_settings(), source, False, flow_run.id))
+        ctx = opaque(open_sync(get_settings(), source, False, flow_run.id, listing=False))
     except SourceBusy as busy:
         return Cancelled(message=f"{busy}; its pending changes stay for the next run")
-    summary = ingest.SyncSummary(source)
+    summary = ingest.SyncSummary(source, kind="changes")
     try:
         while pending := drain_changes(ctx):
             index_pages(ctx, changes.change_pages(ctx.unwrap(), pending), summary, False)

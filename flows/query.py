@@ -16,15 +16,19 @@ from tasks.embed import query_encoder
 from tasks.index import connect_index
 
 
-@task(name="answer_question", cache_policy=NO_CACHE)
+# Only the flow's return value is stored (one copy of the answer, which erasure can find).
+@task(name="answer_question", cache_policy=NO_CACHE, persist_result=False)
 def answer_question_task(request: QueryRequest, caller: Caller, request_id: str) -> dict:
     settings = get_settings()
     with connect_index(settings) as client:
         response, trace = answer_question(settings, request, caller, client,
                                           query_encoder(settings.embedding_model),
                                           generator_for(settings), request_id)
-    record_query(StateStore(settings.resolved_state_db_url), caller, request, response, trace,
-                 channel="prefect")
+    store = StateStore(settings.resolved_state_db_url)
+    record_query(store, caller, request, response, trace, channel="prefect")
+    # The answer outlives this run in Prefect's result storage: an erasure of any document it
+    # was built from withdraws it (tasks/privacy.py withdraw_answers).
+    store.record_persisted_answer(request_id, {(s.source, s.doc_id) for s in response.sources})
     return response.model_dump(mode="json")
 
 

@@ -12,8 +12,8 @@ from structlog.contextvars import bind_contextvars, bound_contextvars, unbind_co
 
 from headwater.settings import get_settings
 
-__all__ = ["bind_contextvars", "bound_contextvars", "configure_logging", "get_logger",
-           "resolved_format", "unbind_contextvars"]
+__all__ = ["bind_contextvars", "bound_contextvars", "configure_logging",
+           "configure_process_logging", "get_logger", "resolved_format", "unbind_contextvars"]
 
 # Headwater's own packages log at HEADWATER_LOG_LEVEL; libraries keep their own levels.
 OWN_PACKAGES = ("headwater", "tasks", "flows", "connectors")
@@ -197,3 +197,15 @@ def configure_logging(log_format: str | None = None, level: str | None = None,
             from transformers.utils import logging as transformers_logging
 
             transformers_logging.disable_progress_bar()
+
+
+_process_configured: int | None = None
+
+
+def configure_process_logging() -> None:
+    """`configure_logging` once in this process: for processes Headwater does not start itself
+    (Dask workers receiving a sync's batches), where nothing else would set logging up."""
+    global _process_configured
+    if _process_configured != os.getpid():
+        configure_logging()
+        _process_configured = os.getpid()

@@ -115,7 +115,9 @@ def sync_families(summary: dict[str, Any], ended_at: float,
     ended = gauge("headwater_sync_last_run_end_time_seconds", "When the last run ended (Unix)")
     ended.add_metric([source], ended_at)
     families += [last_status, ended]
-    last_success = ended_at if status == "completed" else carried.last_success
+    # A run over notified changes only is not a sync of the whole source: lag stays its own.
+    listed = summary.get("kind", "sync") == "sync"
+    last_success = ended_at if status == "completed" and listed else carried.last_success
     if last_success is not None:
         success = gauge("headwater_sync_last_success_time_seconds",
                         "When the last successful run ended (Unix); lag = time() - this")

@@ -124,6 +124,17 @@ class SuppressionRow(Base):
     suppressed_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class PersistedAnswerRow(Base):
+    """A document a persisted answer (an `answer-query` flow run's stored result) was built
+    from: an erasure that touches the document withdraws the answer."""
+
+    __tablename__ = "persisted_answers"
+    flow_run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    source: Mapped[str] = mapped_column(String(200), primary_key=True)
+    doc_id: Mapped[str] = mapped_column(String(1000), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class SubjectDocument(NamedTuple):
     """A document that holds one of the looked-up subjects: where, and as what."""
 
@@ -416,11 +427,13 @@ class StateStore:
         return run_id
 
     def finish_run(self, run_id: str, status: str, summary: dict,
-                   processing: str | None = None) -> None:
+                   processing: str | None = None, listed: bool = True) -> None:
+        """End a run; only a completed run over the source's whole change listing (`listed`)
+        counts as its last success and brings it to `processing`."""
         with self.session() as s:
             run = s.get(SyncRunRow, run_id)
             run.status, run.summary, run.finished_at = status, summary, utcnow()
-            if status == "completed":
+            if status == "completed" and listed:
                 source = s.get(SourceRow, run.source)
                 source.last_success_at = run.finished_at
                 # Only a completed run has brought every document to this processing.
@@ -621,6 +634,33 @@ class StateStore:
                 DocumentRow.source == source, DocumentRow.modified.is_not(None),
                 DocumentRow.modified < _naive_utc(before)).order_by(DocumentRow.doc_id)
             ).scalars())
+
+    # -- persisted answers -------------------------------------------------------------------
+
+    def record_persisted_answer(self, flow_run_id: str,
+                                documents: Iterable[tuple[str, str]]) -> None:
+        """Note the documents (source, doc id) a stored answer was built from."""
+        now = utcnow()
+        with self.session() as s:
+            for source, doc_id in sorted(set(documents)):
+                s.merge(PersistedAnswerRow(flow_run_id=flow_run_id, source=source,
+                                           doc_id=doc_id, at=now))
+
+    def answers_from(self, source: str, doc_ids: Iterable[str]) -> list[str]:
+        """The flow runs whose stored answers were built from any of these documents."""
+        wanted = sorted(set(doc_ids))
+        found: set[str] = set()
+        with self.session() as s:
+            for start in range(0, len(wanted), 500):
+                found |= set(s.execute(select(PersistedAnswerRow.flow_run_id).where(
+                    PersistedAnswerRow.source == source,
+                    PersistedAnswerRow.doc_id.in_(wanted[start : start + 500]))).scalars())
+        return sorted(found)
+
+    def forget_persisted_answer(self, flow_run_id: str) -> None:
+        with self.session() as s:
+            s.execute(delete(PersistedAnswerRow).where(
+                PersistedAnswerRow.flow_run_id == flow_run_id))
 
     # -- quarantine --------------------------------------------------------------------------
 

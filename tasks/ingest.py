@@ -22,7 +22,13 @@ from connectors import open_connector
 from connectors.base import Change, ChangeKind, ChangePage, Connector
 from headwater.config import SourceConfig, source_config
 from headwater.errors import IndexWriteError, QualityGateFailed, SourceError
-from headwater.logs import bind_contextvars, bound_contextvars, get_logger, unbind_contextvars
+from headwater.logs import (
+    bind_contextvars,
+    bound_contextvars,
+    configure_process_logging,
+    get_logger,
+    unbind_contextvars,
+)
 from headwater.records import Chunk, SourceDocument
 from headwater.settings import Settings
 from headwater.state import KnownDocument, StateStore
@@ -65,6 +71,9 @@ class SyncContext:
     processing: str | None = None
     reread: str = ""  # why a run the caller did not ask to be full became one
     borrowed_lock: bool = False  # the caller (a reindex) holds the source's lock and frees it
+    # False for a run over notified changes only: it proves nothing about the rest of the
+    # source (deletions, other edits), so it is not the source's "last successful sync".
+    listing: bool = True
     # True in a copy unpickled in another process (a Dask worker).
     travelled: bool = field(default=False, init=False, repr=False)
 
@@ -87,6 +96,8 @@ class SyncContext:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.travelled = True
+        # A Dask worker's lines are formatted like the flow's (JSON in production).
+        configure_process_logging()
         self.connector = _ReopenedConnector(self.source)  # type: ignore[assignment]
         self.store = StateStore(self.settings.resolved_state_db_url)
         # This copy's findings go back to the flow with the batch (Batch.verdicts).
@@ -149,6 +160,7 @@ class SyncSummary:
 
     source: str
     status: str = "running"
+    kind: str = "sync"  # or "changes": only the documents change notifications named
     new: int = 0
     changed: int = 0
     deleted: int = 0
@@ -238,7 +250,8 @@ def _timed(batch: Batch, stage: str) -> Iterator[None]:
 
 
 def open_sync(settings: Settings, source: str, full: bool, flow_run_id: str | None = None,
-              collection: str | None = None, lock_owner: str | None = None) -> SyncContext:
+              collection: str | None = None, lock_owner: str | None = None,
+              listing: bool = True) -> SyncContext:
     """Take the source's lock and record the run; raises SourceBusy if another run holds it.
 
     A reindex names the collection to write (not the alias) and the lock it already holds.
@@ -288,7 +301,7 @@ def open_sync(settings: Settings, source: str, full: bool, flow_run_id: str | No
     log.info("sync started", full=full, reread=reread or None)
     return SyncContext(settings, config, connector, store, collection, run_id, owner,
                        known, full, policy=policy, processing=processing, reread=reread,
-                       borrowed_lock=lock_owner is not None)
+                       borrowed_lock=lock_owner is not None, listing=listing)
 
 
 def processing_fingerprint(settings: Settings, config: SourceConfig,
@@ -327,20 +340,22 @@ def data_docs_dir(settings: Settings) -> Path:
 
 def close_sync(ctx: SyncContext, summary: SyncSummary, status: str, message: str = "") -> dict:
     summary.status = status
+    summary.kind = "sync" if ctx.listing else "changes"
     expired = (f"{summary.expired} documents last modified more than "
                f"{ctx.source.retention.days} days ago were not indexed (the source's "
                "retention)" if summary.expired and ctx.source.retention else "")
     summary.message = "; ".join(m for m in (ctx.reread, expired, message) if m)
     summary.quality = ctx.quality.rows()
     # The run's decision, in the audit trail beside the queries it will serve.
-    ctx.store.append_audit(SYNC_ACTOR, "ingest.sync", f"source:{ctx.source.name}", status,
+    ctx.store.append_audit(SYNC_ACTOR, f"ingest.{summary.kind}", f"source:{ctx.source.name}",
+                           status,
                            ctx.run_id, {k: v for k, v in summary.as_dict().items()
                                         if isinstance(v, int) or k == "message"})
     if ctx.quality.result_ids:
         gate = quality.quality_gate(str(data_docs_dir(ctx.settings)))
         summary.data_docs = str(gate.build_docs(ctx.quality.result_ids))
     result = summary.as_dict()
-    ctx.store.finish_run(ctx.run_id, status, result, ctx.processing)
+    ctx.store.finish_run(ctx.run_id, status, result, ctx.processing, listed=ctx.listing)
     if not ctx.borrowed_lock:
         ctx.store.release_lock(ctx.source.name, ctx.lock_owner)
     (log.info if status == "completed" else log.error)(

@@ -6,7 +6,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,6 +98,7 @@ class PrivacyResult(BaseModel):
     chunks_erased: int = 0
     subject_rows_removed: int = 0
     cached_vectors_removed: int = 0
+    answers_withdrawn: int = 0
     export_path: str | None = None
     resynced_sources: list[str] = Field(default_factory=list)
     per_source: dict[str, dict[str, int]] = Field(default_factory=dict)
@@ -112,6 +113,7 @@ class RetentionResult(BaseModel):
     documents: int = 0
     chunks_deleted: int = 0
     cached_vectors_removed: int = 0
+    answers_withdrawn: int = 0
 
 
 # -- identifiers -------------------------------------------------------------------------------
@@ -193,7 +195,8 @@ def close_request(settings: Settings, request: PrivacyRequest, result: PrivacyRe
                           else type(error).__name__)
     counts = result.model_dump(include={"documents", "chunks", "chunks_erased",
                                         "subject_rows_removed", "cached_vectors_removed",
-                                        "resynced_sources", "per_source", "message"})
+                                        "answers_withdrawn", "resynced_sources",
+                                        "per_source", "message"})
     StateStore(settings.resolved_state_db_url).append_audit(
         request.requested_by, f"privacy.{request.kind}", request.resource, result.outcome,
         request.request_id, counts)
@@ -381,6 +384,8 @@ def erase_mentions(settings: Settings, request: PrivacyRequest,
                                         d.doc_id in rows else d.ordinals) for d in mine}
                 result.subject_rows_removed += store.forget_chunks(source, forgotten,
                                                                    request.hmacs)
+                result.answers_withdrawn += withdraw_answers(
+                    store, source, erased, request.requested_by, request.request_id)
             result.chunks_erased += deleted
             result.chunks += sum(len(d.ordinals) for d in mine)
             result.per_source[source] = {"documents": len(mine), "chunks_erased": deleted}
@@ -407,6 +412,68 @@ def rectify_mentions(settings: Settings, request: PrivacyRequest,
                        "so correct the value there, or chunks still holding the old value stay "
                        "withheld")
     return result
+
+
+# -- persisted answers -------------------------------------------------------------------------
+
+WITHDRAWN_ANSWER = ("This answer was withdrawn: a document it was built from has since been "
+                    "erased or purged. Ask again for an answer from what is indexed now.")
+
+
+def withdraw_answers(store: StateStore, source: str, doc_ids: Iterable[str], actor: str,
+                     request_id: str | None) -> int:
+    """Re-write the stored results of `answer-query` runs built from these documents, so no
+    persisted answer keeps quoting what was erased; returns how many were withdrawn. Whole
+    documents count: the answer may quote any chunk, and ordinals move as documents change."""
+    withdrawn = 0
+    for flow_run_id in store.answers_from(source, doc_ids):
+        rewritten = rewrite_stored_answer(flow_run_id)
+        store.forget_persisted_answer(flow_run_id)
+        store.append_audit(actor, "answer.withdrawn", f"flow-run:{flow_run_id}",
+                           "withdrawn" if rewritten else "not_found", request_id,
+                           {"source": source, "results_rewritten": rewritten})
+        withdrawn += 1
+    return withdrawn
+
+
+def rewrite_stored_answer(flow_run_id: str) -> int:
+    """Overwrite every persisted result of a flow run (and its task runs) with the withdrawal
+    notice, in its own storage and serializer; returns how many results were rewritten (0 when
+    the run or its results are already gone)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.exceptions import ObjectNotFound
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import ResultRecordMetadata, ResultStore, resolve_result_storage
+
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(uuid.UUID(flow_run_id))
+        except ObjectNotFound:
+            return 0
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    rewritten = 0
+    for state in [run.state, *(t.state for t in tasks)]:
+        metadata = state.data if state is not None else None
+        if not isinstance(metadata, ResultRecordMetadata) or metadata.storage_key is None:
+            continue
+        key = metadata.storage_key
+        if metadata.storage_block_id is not None:
+            storage = resolve_result_storage(metadata.storage_block_id)
+        elif Path(key).is_absolute():
+            if not Path(key).exists():
+                continue
+            storage = LocalFileSystem(basepath=str(Path(key).parent))
+        else:
+            storage = None  # the default result storage, as Prefect reads it back
+        notice = {"answer": WITHDRAWN_ANSWER, "sources": [], "confidence": 0.0,
+                  "processing_time_ms": 0.0, "request_id": flow_run_id,
+                  "answered_by": "withdrawn"}
+        ResultStore(result_storage=storage, serializer=metadata.serializer).write(
+            obj=notice, key=key)
+        rewritten += 1
+    return rewritten
 
 
 # -- retention ---------------------------------------------------------------------------------
@@ -442,6 +509,8 @@ def purge_expired(settings: Settings, source: SourceConfig, now: datetime | None
                                              dict.fromkeys(expired))
                 result.chunks_deleted = deleted
                 result.cached_vectors_removed = store.forget_vectors(hashes)
+                result.answers_withdrawn = withdraw_answers(store, source.name, expired,
+                                                            RETENTION_ACTOR, None)
                 store.commit_batch(source.name, indexed=[], deleted=expired)
             result.documents = len(expired)
     except PrivacyRequestError:
@@ -452,7 +521,9 @@ def purge_expired(settings: Settings, source: SourceConfig, now: datetime | None
                                                 "documents": result.documents,
                                                 "chunks_deleted": result.chunks_deleted,
                                                 "cached_vectors_removed":
-                                                    result.cached_vectors_removed})
+                                                    result.cached_vectors_removed,
+                                                "answers_withdrawn":
+                                                    result.answers_withdrawn})
     return result
 
 
@@ -466,7 +537,7 @@ def request_markdown(result: PrivacyResult) -> str:
              + ", ".join(f"{s.entity_type} {s.subject[:12]}" for s in result.subjects), "",
              "| count | value |", "| --- | ---: |"]
     for name in ("documents", "chunks", "chunks_erased", "subject_rows_removed",
-                 "cached_vectors_removed"):
+                 "cached_vectors_removed", "answers_withdrawn"):
         lines.append(f"| {name.replace('_', ' ')} | {getattr(result, name)} |")
     if result.per_source:
         lines += ["", "| source | " + " | ".join(next(iter(result.per_source.values()))) + " |",

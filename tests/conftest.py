@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,11 +24,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from headwater import stack
 from headwater.errors import HeadwaterError
-from headwater.settings import Settings, get_settings
+from headwater.settings import PROJECT_ROOT, Settings, get_settings
 from headwater.state import StateStore
 
 # Flows run in this process must talk to the stack's Prefect server, not an ephemeral one.
 os.environ["PREFECT_API_URL"] = get_settings().prefect_api_url
+BIN = Path(sys.executable).parent
 
 
 def free_port(span: int = 1) -> int:
@@ -252,3 +259,126 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> StateStore:
         connection.execute(text(f"CREATE DATABASE {name}"))
     engine.dispose()
     return StateStore(server.rsplit("/", 1)[0] + f"/{name}")
+
+
+# -- deployments of a test's own, on the real Prefect server -----------------------------------
+
+
+async def _prefect(call: str, *args: object, **kwargs: object) -> object:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await getattr(client, call)(*args, **kwargs)
+
+
+def deployments_on(pool: str) -> list:
+    from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
+
+    return asyncio.run(_prefect("read_deployments", work_pool_filter=WorkPoolFilter(
+        name=WorkPoolFilterName(any_=[pool]))))
+
+
+def flow_run(run_id: object) -> object:
+    return asyncio.run(_prefect("read_flow_run", run_id))
+
+
+def deployment_runs(name: str, *states: str) -> list:
+    """The flow runs of the deployment(s) named `name`, in the given state types if any."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+
+    wanted = FlowRunFilter(state=FlowRunFilterState(
+        type=FlowRunFilterStateType(any_=list(states)))) if states else None
+    return asyncio.run(_prefect("read_flow_runs", flow_run_filter=wanted,
+                                deployment_filter=DeploymentFilter(
+                                    name=DeploymentFilterName(any_=[name]))))
+
+
+async def _retire(pool: str, grace_s: float) -> None:
+    """Pause the pool's deployments, cancel their running runs and give them `grace_s` to end,
+    then delete deployments, their triggers' automations and the pool."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.states import Cancelling
+
+    async with get_client() as client:
+        deployments = await client.read_deployments(
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])))
+        for deployment in deployments:
+            await client.pause_deployment(deployment.id)  # its scheduled runs go with it
+        ids = [d.id for d in deployments]
+        going = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=ids)),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=["PENDING", "RUNNING"])))) if ids else []
+        for run in going:
+            await client.set_flow_run_state(run.id, Cancelling(), force=True)
+        deadline = time.monotonic() + grace_s
+        while going and time.monotonic() < deadline:
+            if all((await client.read_flow_run(r.id)).state.is_final() for r in going):
+                break
+            await asyncio.sleep(1)
+        for deployment in deployments:
+            # Deleting a deployment leaves its triggers' automations behind (Prefect 3.8).
+            await client.delete_resource_owned_automations(f"prefect.deployment.{deployment.id}")
+            await client.delete_deployment(deployment.id)
+        await client.delete_work_pool(pool)
+
+
+def create_pool(pool: str) -> None:
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    asyncio.run(_prefect("create_work_pool", WorkPoolCreate(name=pool, type="process")))
+
+
+def retire_pool(pool: str, grace_s: float = 0.0) -> None:
+    asyncio.run(_retire(pool, grace_s))
+
+
+@contextmanager
+def deployed_on_own_pool(prefect_file: Path, pool: str, worker_log: Path | None = None,
+                         grace_s: float = 60.0) -> Iterator[subprocess.Popen]:
+    """Deploy `prefect_file` (its deployments naming `pool`) to the real Prefect server with a
+    process worker of the test's own polling that pool, so no other test's runs land there and
+    the shared worker never runs this test's; on exit everything goes, the worker's flow-run
+    processes included (after `grace_s` for runs cancelled mid-way)."""
+    create_pool(pool)
+    worker = None
+    log = worker_log.open("wb") if worker_log else subprocess.DEVNULL
+    try:
+        deployed = subprocess.run(
+            [str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
+             str(prefect_file)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+            stdin=subprocess.DEVNULL)
+        assert deployed.returncode == 0, deployed.stdout[-4000:] + deployed.stderr[-4000:]
+        worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
+             "--name", f"{pool}-worker"], cwd=PROJECT_ROOT, stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+            start_new_session=True)  # its flow-run processes are stopped with it
+        yield worker
+    finally:
+        retire_pool(pool, grace_s if worker and worker.poll() is None else 0)
+        if worker is not None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(timeout=10)
+        if worker_log:
+            log.close()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +14,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import (
+    create_pool,
+    deployed_on_own_pool,
+    deployment_runs,
+    deployments_on,
+    flow_run,
+    retire_pool,
+)
 
 from headwater.deploy import GENERATED_BEGIN, GENERATED_END, DeployError, plan, refreshed_text
 from headwater.settings import PROJECT_ROOT, Settings
@@ -171,35 +177,6 @@ def test_the_readme_names_the_deployments_prefect_yaml_holds() -> None:
 # -- prefect deploy --all against the local server -------------------------------------------
 
 
-async def _deployments_on(pool: str) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
-
-    async with get_client() as client:
-        return await client.read_deployments(
-            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])))
-
-
-async def _create_pool(pool: str) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-
-    async with get_client() as client:
-        await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-
-
-async def _remove(pool: str) -> None:
-    from prefect.client.orchestration import get_client
-
-    async with get_client() as client:
-        for deployment in await _deployments_on(pool):
-            # Deleting a deployment leaves its triggers' automations behind (Prefect 3.8).
-            await client.delete_resource_owned_automations(
-                f"prefect.deployment.{deployment.id}")
-            await client.delete_deployment(deployment.id)
-        await client.delete_work_pool(pool)
-
-
 def test_prefect_deploy_all_registers_what_prefect_yaml_declares(local_stack, tmp_path) -> None:
     # Deployed as written, the hourly sync would run on the shared worker against the shared
     # index, and same-named deployments of other sessions would be replaced and then deleted.
@@ -215,18 +192,18 @@ def test_prefect_deploy_all_registers_what_prefect_yaml_declares(local_stack, tm
     copy = tmp_path / "prefect.yaml"
     copy.write_text(yaml.safe_dump(project, sort_keys=False))
 
-    asyncio.run(_create_pool(pool))
+    create_pool(pool)
     try:
         result = subprocess.run(
             [str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(copy)],
             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-        found = {d.name.removesuffix(f"-{token}"): d for d in asyncio.run(_deployments_on(pool))}
+        found = {d.name.removesuffix(f"-{token}"): d for d in deployments_on(pool)}
     finally:
-        asyncio.run(_remove(pool))
+        retire_pool(pool)
 
     assert set(found) == set(declared)
-    assert not asyncio.run(_deployments_on(pool)), "test deployments were left on the server"
+    assert not deployments_on(pool), "test deployments were left on the server"
     for name, entry in declared.items():
         deployment = found[name]
         assert deployment.entrypoint == entry["entrypoint"]
@@ -260,57 +237,6 @@ deployments:
 """
 
 
-async def _deployment_id(name: str) -> object:
-    from prefect.client.orchestration import get_client
-
-    async with get_client() as client:
-        return (await client.read_deployment_by_name(f"sync-source/{name}")).id
-
-
-async def _runs_of(deployment_id: object, *states: str) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterDeploymentId,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
-
-    wanted = FlowRunFilterState(type=FlowRunFilterStateType(any_=list(states))) if states else None
-    async with get_client() as client:
-        return await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]), state=wanted))
-
-
-async def _retire(deployment_id: object) -> list:
-    """Pause the deployment, cancel what it has running, delete it (and its scheduled runs);
-    returns the runs that were still going."""
-    from prefect.client.orchestration import get_client
-    from prefect.states import Cancelling
-
-    async with get_client() as client:
-        await client.pause_deployment(deployment_id)
-        going = await _runs_of(deployment_id, "PENDING", "RUNNING")
-        for run in going:
-            await client.set_flow_run_state(run.id, Cancelling(), force=True)
-        await client.delete_deployment(deployment_id)
-        return going
-
-
-async def _flow_run(run_id: str) -> object:
-    from prefect.client.orchestration import get_client
-
-    async with get_client() as client:
-        return await client.read_flow_run(run_id)
-
-
-async def _final(run_ids: list) -> bool:
-    from prefect.client.orchestration import get_client
-
-    async with get_client() as client:
-        return all((await client.read_flow_run(i)).state.is_final() for i in run_ids)
-
-
 def test_a_scheduled_sync_runs_unattended_and_indexes_the_source(
         local_stack, tmp_path: Path, weaviate_client, collection: str) -> None:
     from conftest import indexed_texts
@@ -339,61 +265,32 @@ def test_a_scheduled_sync_runs_unattended_and_indexes_the_source(
         "HF_HUB_OFFLINE": "1"}}
     prefect_file.write_text(yaml.safe_dump(project, sort_keys=False))
 
-    asyncio.run(_create_pool(pool))
     worker_log = tmp_path / "worker.log"
-    worker, deployment_id = None, None
-    try:
-        deployed = subprocess.run(
-            [str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
-             str(prefect_file)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
-            stdin=subprocess.DEVNULL)
-        assert deployed.returncode == 0, deployed.stdout[-4000:] + deployed.stderr[-4000:]
-        deployment_id = asyncio.run(_deployment_id(name))
-        with worker_log.open("wb") as log:
-            worker = subprocess.Popen(
-                [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
-                 "--name", f"schedule-test-{token}"], cwd=PROJECT_ROOT, stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                env={**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "2"})
+    with deployed_on_own_pool(prefect_file, pool, worker_log) as worker:
         # Nobody starts a run: the server's scheduler creates them (a new deployment's within
         # its 5 s "recent deployments" loop), the worker picks them up when they are due.
         deadline = time.monotonic() + 30
-        while not asyncio.run(_runs_of(deployment_id)):
+        while not deployment_runs(name):
             assert time.monotonic() < deadline, (
                 "the Prefect server's scheduler created no run of a new deployment in 30 s; "
                 f"see its log, {Settings().data_dir / 'logs/prefect-server.log'} (Prefect 3.8 "
                 "cannot insert scheduled runs with SQLAlchemy 2.1: 'Can't evaluate bulk DML')")
             time.sleep(1)
         deadline = time.monotonic() + 300
-        while not (done := asyncio.run(_runs_of(deployment_id, "COMPLETED"))):
-            broken = asyncio.run(_runs_of(deployment_id, "FAILED", "CRASHED"))
+        while not (done := deployment_runs(name, "COMPLETED")):
+            broken = deployment_runs(name, "FAILED", "CRASHED")
             assert not broken, f"{broken[0].state}\n{worker_log.read_text()[-4000:]}"
             assert worker.poll() is None, worker_log.read_text()[-4000:]
             assert time.monotonic() < deadline, (
                 "no scheduled run completed in 300 s\n" + worker_log.read_text()[-4000:])
             time.sleep(1)
-    finally:
-        if deployment_id is not None:
-            going = [run.id for run in asyncio.run(_retire(deployment_id))]
-            deadline = time.monotonic() + 60
-            while going and worker and worker.poll() is None and not asyncio.run(_final(going)):
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(1)
-        if worker is not None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait(timeout=10)
-        asyncio.run(_remove(pool))
+        deployment_id = done[0].deployment_id
 
     assert all(run.auto_scheduled and run.created_by.type == "SCHEDULE" for run in done)
     assert set(indexed_texts(weaviate_client, collection)) == {"leave.md"}
     synced = StateStore(state_db).finished_run(source="handbook")
     assert synced.status == "completed"
-    run = asyncio.run(_flow_run(synced.flow_run_id))
+    run = flow_run(synced.flow_run_id)
     assert (run.deployment_id, run.state.type.value) == (deployment_id, "COMPLETED")
     assert run.auto_scheduled and run.created_by.type == "SCHEDULE", run.created_by
 

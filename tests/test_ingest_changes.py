@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -14,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FolderSource, indexed_texts
+from conftest import FolderSource, deployed_on_own_pool, deployment_runs, indexed_texts
 from fastapi.testclient import TestClient
 
 from headwater.api import create_app
@@ -346,6 +342,7 @@ def test_notified_changes_are_indexed_exactly_and_nothing_else_is_touched(
     for name in ("leave", "vpn", "expenses", "onboarding", "security", "travel"):
         folder.write(f"{name}.md", f"# {name.title()}\n\nThe {name} policy, first edition.\n")
     folder.sync()
+    synced_at = _last_success(folder)
     before = folder.index()
     times = folder.update_times()
     folder.write("leave.md", "# Leave\n\nEvery employee has 27 days of annual leave.\n")
@@ -372,9 +369,20 @@ def test_notified_changes_are_indexed_exactly_and_nothing_else_is_touched(
     untouched = [u for u in times if u in after and after[u] == times[u]]
     assert len(untouched) == len(times) - 3  # only leave, vpn and travel's chunks moved
     assert folder.store.pending_changes("handbook") == []
+    # Indexing notified changes says nothing of the rest of the source: it is not a sync.
+    assert summary["kind"] == "changes"
+    assert [e.outcome for e in folder.store.audit_entries("ingest.changes")] == ["completed"]
+    assert _last_success(folder) == synced_at
     # What sync_source then finds is only the change nobody notified.
     summary = folder.sync()
     assert (summary["new"], summary["changed"], summary["deleted"]) == (0, 1, 0), summary
+    assert summary["kind"] == "sync" and _last_success(folder) > synced_at
+
+
+def _last_success(folder: FolderSource) -> object:
+    from headwater.health import last_successes
+
+    return last_successes(get_settings())["handbook"]
 
 
 def test_a_notification_for_a_file_outside_the_root_reads_nothing(
@@ -444,36 +452,6 @@ def test_the_watcher_records_a_burst_of_file_changes_as_one_notice(tmp_path) -> 
 # -- the deployment's trigger, on the real Prefect server and a worker ------------------------
 
 
-async def _deployment_runs(name: str) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-
-    async with get_client() as client:
-        return await client.read_flow_runs(deployment_filter=DeploymentFilter(
-            name=DeploymentFilterName(any_=[name])))
-
-
-async def _remove_deployment(name: str, pool: str) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
-
-    async with get_client() as client:
-        for deployment in await client.read_deployments(
-                work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool]))):
-            await client.delete_resource_owned_automations(
-                f"prefect.deployment.{deployment.id}")
-            await client.delete_deployment(deployment.id)
-        await client.delete_work_pool(pool)
-
-
-async def _create_pool(pool: str) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-
-    async with get_client() as client:
-        await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-
-
 def test_a_burst_of_change_events_starts_few_runs_that_index_exactly_those_documents(
         local_stack, weaviate_client, collection, tmp_path) -> None:
     from prefect._internal.concurrency.services import QueueService
@@ -501,18 +479,9 @@ def test_a_burst_of_change_events_starts_few_runs_that_index_exactly_those_docum
     copy = tmp_path / "prefect.yaml"
     copy.write_text(yaml.safe_dump(project, sort_keys=False))
 
-    asyncio.run(_create_pool(pool))
-    worker = subprocess.Popen(
-        [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
-        cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "2"},
-        start_new_session=True)  # its flow-run processes are stopped with it
-    try:
-        deployed = subprocess.run(
-            [str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
-             str(copy)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
-            stdin=subprocess.DEVNULL)
-        assert deployed.returncode == 0, deployed.stdout[-4000:] + deployed.stderr[-4000:]
+    # A worker waits for the flow runs it started; one the trigger started late may still be
+    # running at the end, so after a grace period the worker and its runs are killed.
+    with deployed_on_own_pool(copy, pool, grace_s=30):
         time.sleep(8)  # the server loads new automations on its next periodic evaluation
 
         store = StateStore(env["HEADWATER_STATE_DB_URL"])
@@ -526,23 +495,13 @@ def test_a_burst_of_change_events_starts_few_runs_that_index_exactly_those_docum
         sent = time.monotonic()
 
         def settled() -> bool:
-            runs = asyncio.run(_deployment_runs(name))
+            runs = deployment_runs(name)
             # Past the quiet trigger's window (10 s, evaluated every 5 s), every run ended.
             return (time.monotonic() - sent > 30 and bool(runs)
                     and all(r.state.is_final() for r in runs))
 
         _wait_for(settled, 400, "the triggered ingest-changes runs to finish")
-        runs = asyncio.run(_deployment_runs(name))
-    finally:
-        asyncio.run(_remove_deployment(name, pool))
-        # A worker waits for the flow runs it started; one the trigger started late may still
-        # be running, so after a grace period the worker and its runs are killed.
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(timeout=10)
+        runs = deployment_runs(name)
 
     assert 1 <= len(runs) <= 3, [(r.name, r.state.type) for r in runs]
     assert all(r.parameters == {"source": source} for r in runs)

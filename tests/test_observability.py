@@ -164,6 +164,11 @@ def test_counters_accumulate_across_runs_and_a_failure_keeps_the_last_success(
     assert _value(samples, "headwater_sync_last_run_status", **wiki, status="failed") == 1
     assert _value(samples, "headwater_sync_embedding_cache_hit_ratio", **wiki) == 0.75
     assert not list(path.parent.glob(".sync-*")), "a temporary file was left behind"
+    # A run over notified changes only is not a sync of the whole source: lag stays.
+    path = record_sync_run(settings, {**done, "kind": "changes"}, ended_at=4000.0)
+    samples = _samples(path.read_text())
+    assert _value(samples, "headwater_sync_last_success_time_seconds", **wiki) == 2000.0
+    assert _value(samples, "headwater_sync_runs_total", **wiki, status="completed") == 3
 
 
 def test_status_deep_passes_on_the_running_stack_and_fails_naming_an_overdue_source(

@@ -180,6 +180,41 @@ def test_erased_subject_stays_erased_after_full_resync(
             if k[0] == "desk/contacts.md"} == {("group:desk",)}
 
 
+def test_erasure_withdraws_stored_answers_built_from_an_erased_document(
+    folder: FolderSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect import get_client
+
+    from flows.query import answer_query
+
+    _corpus(folder, monkeypatch)
+    # Answers of the `answer-query` deployment outlive their run in Prefect's result storage.
+    quoting = answer_query("Where do orders for gaskets go before noon?", ["group:staff"])
+    assert "gaskets go to <EMAIL_ADDRESS>" in json.dumps(quoting)
+    asked = answer_query("Where do orders for gaskets go before noon?", ["group:staff"],
+                         return_state=True)
+    unrelated = answer_query("How often are pump station inspections?", ["group:staff"],
+                             top_k=1, return_state=True)
+    assert [s["doc_id"] for s in unrelated.result()["sources"]] == ["plain.txt"]
+
+    result = _request("erasure")
+    assert result.answers_withdrawn == 2  # both runs that were built from her documents
+
+    def stored(state: object) -> dict:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(state.state_details.flow_run_id).state.result()
+
+    withdrawn = stored(asked)
+    assert withdrawn["answer"] == privacy.WITHDRAWN_ANSWER and withdrawn["sources"] == []
+    assert "gaskets" not in json.dumps(withdrawn)
+    assert stored(unrelated)["sources"][0]["doc_id"] == "plain.txt"  # untouched
+    entries = folder.store.audit_entries("answer.withdrawn")
+    assert {e.request_id for e in entries} == {result.request_id}
+    assert len(entries) == 2 and all(e.outcome == "withdrawn" for e in entries)
+    assert f"flow-run:{asked.state_details.flow_run_id}" in {e.resource for e in entries}
+    assert _request("erasure").answers_withdrawn == 0  # each answer is withdrawn once
+
+
 def test_rectification_erases_the_old_value_and_reads_the_corrected_source(
     folder: FolderSource, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -101,3 +101,13 @@ def test_a_sync_on_dask_workers_indexes_exactly_what_the_thread_runner_does(
     assert set().union(*ran.values()) <= set(workers)
     assert os.getpid() not in workers.values()
     assert on_dask.store.document_count("handbook") == len(CORPUS)
+    # The workers' lines go through Headwater's formatter, as the flow's do.
+    assert all(dask.run(_logs_through_headwater).values())
+
+
+def _logs_through_headwater() -> bool:
+    import logging
+
+    from headwater.logs import HeadwaterLogHandler
+
+    return any(isinstance(h, HeadwaterLogHandler) for h in logging.getLogger().handlers)
