@@ -54,6 +54,12 @@ REREAD, GONE, READERS = "reread", "gone", "readers"
 CHANGE_TYPES = {1: REREAD, 2: REREAD, 4: REREAD, 5: REREAD, 6: REREAD, 7: REREAD, 15: REREAD,
                 3: GONE, 8: READERS, 9: READERS, 10: READERS, 11: READERS, 12: READERS,
                 13: READERS, 14: READERS}
+# Readers granted above the items (on the site, or on a library itself) change in the site's
+# change log, never in a list's: its token is kept beside the libraries' under this key.
+SITE_TOKEN = "site"
+# Site- and list-scope entries that can change who inherits Read: role definitions (8-10) and
+# role assignments (11, 12).
+REGRANTING = {8, 9, 10, 11, 12}
 # Statuses worth another try; anything else is explained to a person.
 TRANSIENT_STATUSES = {429, 500, 502, 503, 504}
 # The SharePoint answer to a change token older than the change log.
@@ -315,6 +321,11 @@ class SharePointConnector:
             chosen += [lib for lib in by_title.values() if lib.pages and lib not in chosen]
         return chosen
 
+    def _site_token(self) -> dict[str, str]:
+        web = self._call(lambda: self.context.web.get().select(["Id", "CurrentChangeToken"])
+                         .execute_query())
+        return {"token": _token_value(web.properties.get("CurrentChangeToken"))}
+
     def _current_tokens(self, libraries: Iterable[LibraryRef]) -> dict[str, dict[str, str]]:
         tokens = {}
         for lib in libraries:
@@ -338,25 +349,39 @@ class SharePointConnector:
         if not tokens or listing is not None:
             # The tokens are taken before the enumeration, so whatever changes while it runs is
             # in the log the next run reads; a resumed enumeration keeps the tokens it began with.
-            tokens = tokens or self._current_tokens(libraries)
+            tokens = tokens or {**self._current_tokens(libraries),
+                                SITE_TOKEN: self._site_token()}
             yield from self._enumerate(libraries, tokens, known, listing)
             return
         added = [lib for lib in libraries if lib.id not in tokens]
         if added:
             tokens.update(self._current_tokens(added))
+        # Read now, committed only with the last page, so a crash before then reads it again.
+        regranted, site_token = self._regranted(libraries, tokens.get(SITE_TOKEN))
         expired: list[LibraryRef] = []
+        decided: set[str] = set()
         for lib in libraries:
             if lib in added:
                 continue
             try:
-                yield from self._change_log(lib, tokens, known)
+                for page in self._change_log(lib, tokens, known):
+                    decided.update(c.doc_id for c in page.changes)
+                    yield page
             except ChangeLogExpired:
                 expired.append(lib)
+        moved = site_token != tokens.get(SITE_TOKEN)
+        tokens[SITE_TOKEN] = site_token
         if added or expired:
             fresh = self._current_tokens(expired)
             since = {lib.id: _ticks_to_datetime(tokens[lib.id]["token"]) for lib in expired}
             tokens.update(fresh)
             yield from self._catch_up(libraries, added, since, tokens, known)
+        elif regranted:
+            yield from self._ending_with(self._reader_pages(
+                [lib for lib in libraries if lib.id in regranted], known, decided),
+                {"libraries": dict(tokens)})
+        elif moved:
+            yield ChangePage(changes=[], cursor={"libraries": dict(tokens)})
 
     def _pages_of_items(self, lib: LibraryRef, fields: list[str], after: int = 0,
                         modified_since: datetime | None = None
@@ -468,6 +493,64 @@ class SharePointConnector:
             if len(entries) < self.page_size:
                 return
 
+    def _regranted(self, libraries: list[LibraryRef], start: dict[str, str] | None
+                   ) -> tuple[set[str], dict[str, str]]:
+        """The libraries whose inherited readers may have changed since `start`, by the site's
+        change log (every library when the site's own readers changed, or when the log cannot
+        say: no token kept, or one older than the log), and the site's token now."""
+        every = {lib.id for lib in libraries}
+        if not start:
+            return every, self._site_token()
+        token, found = start["token"], set()
+        while True:
+            query = ChangeQuery(
+                Web=True, List=True, RoleAssignmentAdd=True, RoleAssignmentDelete=True,
+                RoleDefinitionAdd=True, RoleDefinitionDelete=True, RoleDefinitionUpdate=True,
+                ChangeTokenStart=ChangeToken(token), FetchLimit=str(self.page_size))
+            try:
+                entries = list(self._call(
+                    lambda query=query: self.context.web.get_changes(query).execute_query()))
+            except SourceError as error:
+                if EXPIRED_TOKEN.lower() in error.log_message.lower():
+                    return every, self._site_token()
+                raise
+            for entry in entries:
+                kind = entry.properties.get("ChangeType")
+                if int(getattr(kind, "value", kind) or 0) not in REGRANTING:
+                    continue
+                list_id = str(entry.properties.get("ListId") or "").lower()
+                found |= {list_id} & every if list_id else every
+            if entries:
+                token = _token_value(entries[-1].properties.get("ChangeToken"))
+            if len(entries) < self.page_size:
+                return found, {"token": token}
+
+    def _reader_pages(self, libraries: list[LibraryRef], known: Mapping[str, KnownDocument],
+                      decided: set[str], present: set[str] | None = None
+                      ) -> Iterator[ChangePage]:
+        """PERMISSIONS changes for the known items of `libraries` whose readers differ from
+        the index's (those `decided` by this run already are left alone); the doc ids listed
+        are added to `present`."""
+        self._acl_cache.clear()
+        for lib in libraries:
+            for rows, _ in self._pages_of_items(lib, ITEM_FIELDS):
+                page = ChangePage(changes=[])
+                for row in rows:
+                    if self._is_folder(row):
+                        continue
+                    doc_id = self._doc_id(row)
+                    if present is not None:
+                        present.add(doc_id)
+                    if doc_id in decided or doc_id not in known:
+                        continue
+                    readers = self._readers(lib, row)
+                    if sorted(known[doc_id].principals) != list(readers):
+                        page.changes.append(Change(doc_id, ChangeKind.PERMISSIONS,
+                                                   known[doc_id].version,
+                                                   self._fingerprint(lib, row), readers))
+                if page.changes:
+                    yield page
+
     def _apply_changes(self, lib: LibraryRef, entries: list[dict],
                        known: Mapping[str, KnownDocument]) -> ChangePage:
         """What a page of change-log entries means, judged on each item's state now."""
@@ -521,23 +604,7 @@ class SharePointConnector:
             for rows, _ in self._pages_of_items(lib, ITEM_FIELDS, modified_since=cutoff):
                 page = self._page(lib, rows, known, decided)
                 yield page
-        for lib in libraries:
-            for rows, _ in self._pages_of_items(lib, ITEM_FIELDS):
-                page = ChangePage(changes=[])
-                for row in rows:
-                    if self._is_folder(row):
-                        continue
-                    doc_id = self._doc_id(row)
-                    present.add(doc_id)
-                    if doc_id in decided or doc_id not in known:
-                        continue
-                    readers = self._readers(lib, row)
-                    if sorted(known[doc_id].principals) != list(readers):
-                        page.changes.append(Change(doc_id, ChangeKind.PERMISSIONS,
-                                                   known[doc_id].version,
-                                                   self._fingerprint(lib, row), readers))
-                if page.changes:
-                    yield page
+        yield from self._reader_pages(libraries, known, decided, present)
         yield from self._ending_with(self._deletions(sorted(set(known) - present)),
                                      {"libraries": dict(tokens)})
 

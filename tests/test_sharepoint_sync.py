@@ -82,6 +82,7 @@ class Site:
                     parent = parent.rsplit("/", 1)[0]
                     folder = self.sp._by_url(parent)
                     readers = folder[1].readers if folder else None
+                readers = readers if readers is not None else lib.readers
                 readers = readers if readers is not None else self.sp.site_readers
                 result[item.unique_id] = (item.url, tuple(sorted(
                     r.replace("aad:", "group:") for r in readers)))
@@ -185,6 +186,30 @@ def test_a_permission_change_updates_readers_without_embedding(site: Site) -> No
     summary = site.sync()
     assert (summary["permissions"], summary["embedded"]) == (1, 0)
     assert site.index()[site.doc_id("hr/reviews/2024.md")][1] == ("group:Review Board",)
+
+
+def test_readers_granted_on_the_site_or_a_library_reach_the_index_without_a_full_sync(
+        site: Site) -> None:
+    _handbook(site.sp)
+    site.sync()
+    travel, welcome = site.doc_id("travel.txt"), site.doc_id("welcome.md")
+    downloads = len(site.sp.requests_to("$value"))
+    # Not an item's change: the site's change log says it, no list's.
+    site.sp.set_library_readers("Policies", ["group:legal"])
+    summary = site.sync()
+    assert (summary["permissions"], summary["embedded"], summary["changed"]) == (1, 0, 0)
+    site.assert_exact()
+    assert travel not in site.readable(STAFF, "handbook travel trains")
+
+    # Granted on the site: everything inheriting from it follows; the HR folder (its own
+    # readers) and the Policies library (now its own) do not.
+    site.sp.set_site_readers(["group:staff", "group:contractors"])
+    summary = site.sync()
+    assert (summary["permissions"], summary["embedded"]) == (2, 0)  # welcome.md and Home
+    site.assert_exact()
+    assert welcome in site.readable(("casey", ["contractors"]), "handbook coffee")
+    assert len(site.sp.requests_to("$value")) == downloads  # nothing was read again
+    assert site.sync()["permissions"] == 0  # and the next run has nothing left to do
 
 
 def test_a_sync_interrupted_mid_listing_resumes_and_ends_exact(site: Site) -> None:

@@ -195,6 +195,21 @@ class SharePointEmulator(Emulator):
             item.readers = None if readers is None else list(readers)
             self._log(lib, item, 11 if readers is not None else 12)
 
+    def set_site_readers(self, readers: list[str]) -> None:
+        """Grant Read on the site to `readers` only: every library and item that inherits
+        follows. Logged in the site's change log, not in any list's."""
+        with self._model:
+            added = set(readers) - set(self.site_readers)
+            self.site_readers = list(readers)
+            self._log_scope(None, 11 if added else 12)
+
+    def set_library_readers(self, library: str, readers: list[str] | None) -> None:
+        """Break inheritance on a library and grant Read to `readers` (None inherits again)."""
+        with self._model:
+            lib = self.libraries[library]
+            lib.readers = None if readers is None else list(readers)
+            self._log_scope(lib, 11 if readers is not None else 12)
+
     def expire_change_log(self) -> None:
         """Every change token issued so far is now older than the change log."""
         with self._model:
@@ -221,6 +236,12 @@ class SharePointEmulator(Emulator):
                              "type": change_type, "item": item.id, "unique": item.unique_id,
                              "url": item.url, "folder": item.folder,
                              "time": datetime.now(UTC)})
+
+    def _log_scope(self, lib: Library | None, change_type: int) -> None:
+        """A change of the site (lib None) or of a list itself, not of one of its items."""
+        self.change_number += 1
+        self.changes.append({"list": lib.id if lib else None, "number": self.change_number,
+                             "type": change_type, "item": None, "time": datetime.now(UTC)})
 
     def _token(self, lib: Library, number: int, when: datetime | None = None) -> str:
         when = when or datetime.now(UTC)
@@ -376,6 +397,8 @@ class SharePointEmulator(Emulator):
         if lower == "web/roleassignments":
             return Response(200, {"d": {"results": self._assignments(
                 self.site_readers, {"user:guest@fabrikam.com": "Limited Access"})}})
+        if lower == "web/getchanges" and request.method == "POST":
+            return self._web_changes(request)
         if lower == "web/lists":
             return Response(200, {"d": {"results": [self._list_json(base, lib)
                                                     for lib in self.libraries.values()]}})
@@ -480,7 +503,8 @@ class SharePointEmulator(Emulator):
                                  "Parameter name: The changeToken refers to a time before the "
                                  "start of the current change log.")
         limit = int(query.get("FetchLimit") or 1000)
-        found = [c for c in self.changes if c["list"] == lib.id and c["number"] > after]
+        found = [c for c in self.changes if c["list"] == lib.id and c["item"] is not None
+                 and c["number"] > after]
         wanted = {1: "Add", 2: "Update", 3: "DeleteObject", 4: "Rename", 7: "Restore",
                   11: "RoleAssignmentAdd", 12: "RoleAssignmentDelete"}
         found = [c for c in found if query.get(wanted.get(c["type"], "Update"))
@@ -493,6 +517,37 @@ class SharePointEmulator(Emulator):
             "ItemId": c["item"], "ListId": lib.id, "WebId": self.web_id,
             "UniqueId": c["unique"], "ServerRelativeUrl": c["url"],
             "FileSystemObjectType": 1 if c["folder"] else 0, "Hidden": False,
+        } for c in found]}})
+
+    def _web_changes(self, request: Request) -> Response:
+        """The site's change log: changes of the site itself (SP.ChangeWeb) and of its lists
+        (SP.ChangeList), by the query's object and change types."""
+        query = (request.json() or {}).get("query", {})
+        start = (query.get("ChangeTokenStart") or {}).get("StringValue")
+        after = 0
+        if start:
+            parts = start.split(";")
+            if len(parts) != 5 or parts[2] != self.web_id:
+                return _sp_error(400, "-1, System.ArgumentException",
+                                 "The change token is not valid for this site.")
+            after = int(parts[4])
+            if after < self.change_log_start:
+                return _sp_error(400, "-2146233086, System.ArgumentOutOfRangeException",
+                                 "Specified argument was out of the range of valid values.\r\n"
+                                 "Parameter name: The changeToken refers to a time before the "
+                                 "start of the current change log.")
+        wanted = {11: "RoleAssignmentAdd", 12: "RoleAssignmentDelete"}
+        found = [c for c in self.changes if c["item"] is None and c["number"] > after
+                 and query.get("List" if c["list"] else "Web")
+                 and query.get(wanted.get(c["type"], "Update"))]
+        found = found[:int(query.get("FetchLimit") or 1000)]
+        ticks = lambda c: _TICKS_AT_EPOCH + int(c["time"].timestamp() * 10_000_000)  # noqa: E731
+        return Response(200, {"d": {"results": [{
+            "__metadata": {"type": "SP.ChangeList" if c["list"] else "SP.ChangeWeb"},
+            "ChangeToken": {"__metadata": {"type": "SP.ChangeToken"},
+                            "StringValue": f"1;2;{self.web_id};{ticks(c)};{c['number']}"},
+            "ChangeType": c["type"], "SiteId": self.site_id, "Time": _odata_date(c["time"]),
+            "WebId": self.web_id, **({"ListId": c["list"]} if c["list"] else {}),
         } for c in found]}})
 
     def _web_json(self, base: str) -> dict[str, Any]:
