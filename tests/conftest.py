@@ -222,6 +222,39 @@ class FolderSource:
         return {str(o.uuid): o.metadata.last_update_time for o in result.objects}
 
 
+@contextmanager
+def synced_corpus(root: Path, prefix: str, files: dict[str, str],
+                  principals: dict[str, list[str]] | None = None,
+                  **settings: object) -> Iterator[FolderSource]:
+    """A folder of `files` synced once into a fresh collection named `prefix` + a random
+    suffix (dropped afterwards), for a module's tests to share; `source.settings` are the
+    Settings of an API over it (`settings` added)."""
+    from tasks.index import connect_index, delete_index
+
+    collection = f"{prefix}{uuid.uuid4().hex[:8]}"
+    with pytest.MonkeyPatch.context() as patch, connect_index(get_settings()) as client:
+        source = FolderSource(root, collection, client, patch, principals=principals)
+        for rel, text in files.items():
+            source.write(rel, text)
+        summary = source.sync()
+        assert summary["new"] == len(files), summary
+        source.settings = Settings(collection=collection, state_db_url=source.env[
+            "HEADWATER_STATE_DB_URL"], **settings)
+        try:
+            yield source
+        finally:
+            get_settings.cache_clear()
+            delete_index(client, collection)
+
+
+def bearer(secret: str, sub: str, groups: list[str], roles: list[str] | None = None,
+           **claims: object) -> str:
+    """An HS256 token for the API as an identity provider would issue it (5 minutes)."""
+    import jwt
+
+    return jwt.encode({"sub": sub, "groups": groups, "roles": roles or ["user"],
+                       "aud": "headwater", "exp": int(time.time()) + 300, **claims},
+                      secret, algorithm="HS256")
 
 
 @pytest.fixture

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
-import jwt
 import pytest
-from conftest import FolderSource
+from conftest import FolderSource, bearer, synced_corpus
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from headwater.api import create_app
-from headwater.settings import Settings, get_settings
 from headwater.state import StateStore, utcnow
 from tasks.evaluate import feedback_markdown, summarise_feedback
 
@@ -25,21 +21,11 @@ COMMENT = "Wrong band for me, call Jane Roe on +49 151 2345678"
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, local_stack) -> Iterator[FolderSource]:
-    from tasks.index import connect_index, delete_index
-
-    root = tmp_path_factory.mktemp("feedback")
-    collection = f"TestFeedback{uuid.uuid4().hex[:8]}"
-    with pytest.MonkeyPatch.context() as patch, connect_index(get_settings()) as client:
-        source = FolderSource(root, collection, client, patch)
-        source.write("leave.md", "# Annual leave\n\nEvery employee has 25 days of annual leave "
-                                 "per year.\n")
-        source.write("pump.md", "# BP-200 pump\n\nThe BP-200 pump is serviced once a year.\n")
-        assert source.sync()["new"] == 2
-        source.settings = Settings(collection=collection, jwt_secret=SECRET,
-                                   state_db_url=source.env["HEADWATER_STATE_DB_URL"])
+    with synced_corpus(tmp_path_factory.mktemp("feedback"), "TestFeedback", {
+        "leave.md": "# Annual leave\n\nEvery employee has 25 days of annual leave per year.\n",
+        "pump.md": "# BP-200 pump\n\nThe BP-200 pump is serviced once a year.\n",
+    }, jwt_secret=SECRET) as source:
         yield source
-        get_settings.cache_clear()
-        delete_index(client, collection)
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +36,7 @@ def api(corpus: FolderSource) -> Iterator[TestClient]:
 
 def _auth(sub: str, groups: tuple[str, ...] = ("staff",), roles: tuple[str, ...] = ("user",),
           ) -> dict[str, str]:
-    token = jwt.encode({"sub": sub, "groups": list(groups), "roles": list(roles),
-                        "aud": "headwater", "exp": int(time.time()) + 300}, SECRET,
-                       algorithm="HS256")
-    return {"Authorization": f"Bearer {token}"}
+    return {"Authorization": f"Bearer {bearer(SECRET, sub, list(groups), list(roles))}"}
 
 
 def _ask(api: TestClient, question: str, who: dict[str, str]) -> str:
@@ -155,13 +138,28 @@ def test_the_summary_counts_answers_and_ranks_questions_by_negative_feedback(
 
 def test_the_daily_flow_publishes_the_summary_as_an_artifact(
         api: TestClient, corpus: FolderSource) -> None:
-    from prefect.artifacts import Artifact
-
     from flows.evaluate import summarise_feedback as summarise_feedback_flow
 
     asked = _ask(api, "How many days of annual leave do we get?", _auth("dora"))
     assert _rate(api, _auth("dora"), asked, "down").status_code == 201
-    markdown = summarise_feedback_flow(window_h=24)
+    state = summarise_feedback_flow(window_h=24, return_state=True)
+    markdown = state.result()
     assert "# Answers and feedback, last 24 h" in markdown
     assert "| empty-result rate |" in markdown and "## Worst questions" in markdown
-    assert Artifact.get("feedback-summary").data == markdown
+    # This run's artifact: the key's latest may be another run's on a shared server.
+    assert _artifact_of(state.state_details.flow_run_id, "feedback-summary") == markdown
+
+
+def _artifact_of(flow_run_id: object, key: str) -> str:
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return artifact.data

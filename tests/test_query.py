@@ -15,12 +15,12 @@ from pathlib import Path
 
 import jwt
 import pytest
-from conftest import FolderSource
+from conftest import FolderSource, bearer, synced_corpus
 from fastapi.testclient import TestClient
 
 from flows.query import answer_query
 from headwater.api import create_app
-from headwater.settings import LLMEndpoint, Settings, get_settings
+from headwater.settings import LLMEndpoint, Settings
 from tasks.answer import NOTHING_FOUND
 
 HEADWATER = str(Path(sys.executable).parent / "headwater")
@@ -34,35 +34,22 @@ PUBLIC = "public/bp-200.md"
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, local_stack) -> Iterator[FolderSource]:
     """One small corpus, synced once, read by every test of this module."""
-    from tasks.index import connect_index, delete_index
-
-    root = tmp_path_factory.mktemp("corpus")
-    collection = f"TestQuery{uuid.uuid4().hex[:8]}"
-    with pytest.MonkeyPatch.context() as patch, connect_index(get_settings()) as client:
-        source = FolderSource(root, collection, client, patch, principals={
-            "": ["group:hr", "group:engineering"], "hr/": ["group:hr"],
-            "eng/": ["group:engineering"], "public/": ["public"]})
-        source.write(HR_ONLY, "# Salary bands\n\nEngineers in band B3 earn between 61,000 and "
-                              "75,000 euros. Salary bands are reviewed every March.\n")
-        source.write(ENG_ONLY, "# Deploying telemetry\n\nDeploy the pump telemetry service "
-                               "with the release pipeline, then watch the error dashboard.\n")
-        source.write(PUBLIC, "# BP-200 pump\n\nThe BP-200 pump moves 200 litres of water per "
-                             "minute and is serviced once a year.\n")
-        source.write("leave.md", "# Annual leave\n\nEvery employee has 25 days of annual leave "
-                                 "per year.\n")
-        summary = source.sync()
-        assert summary["new"] == 4, summary
-        source.settings = Settings(collection=collection, state_db_url=source.env[
-            "HEADWATER_STATE_DB_URL"], jwt_secret=SECRET)
+    with synced_corpus(tmp_path_factory.mktemp("corpus"), "TestQuery", {
+        HR_ONLY: "# Salary bands\n\nEngineers in band B3 earn between 61,000 and 75,000 euros. "
+                 "Salary bands are reviewed every March.\n",
+        ENG_ONLY: "# Deploying telemetry\n\nDeploy the pump telemetry service with the release "
+                  "pipeline, then watch the error dashboard.\n",
+        PUBLIC: "# BP-200 pump\n\nThe BP-200 pump moves 200 litres of water per minute and is "
+                "serviced once a year.\n",
+        "leave.md": "# Annual leave\n\nEvery employee has 25 days of annual leave per year.\n",
+    }, principals={"": ["group:hr", "group:engineering"], "hr/": ["group:hr"],
+                   "eng/": ["group:engineering"], "public/": ["public"]},
+            jwt_secret=SECRET) as source:
         yield source
-        get_settings.cache_clear()
-        delete_index(client, collection)
 
 
 def _token(sub: str, groups: list[str], roles: list[str] | None = None, **extra: object) -> str:
-    claims = {"sub": sub, "groups": groups, "roles": roles or ["user"], "aud": "headwater",
-              "exp": int(time.time()) + 300, **extra}
-    return jwt.encode(claims, SECRET, algorithm="HS256")
+    return bearer(SECRET, sub, groups, roles, **extra)
 
 
 @pytest.fixture(scope="module")
