@@ -1,4 +1,4 @@
-"""Ingestion benchmark: sync throughput against raw `model.encode`, and no-change re-sync cost."""
+"""Ingestion benchmark: stage throughput per embedding backend, compliance cost, Prefect share."""
 
 from __future__ import annotations
 
@@ -7,64 +7,30 @@ import json
 import os
 import platform
 import random
-import resource
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 WORDS = [
-    "pump",
-    "impeller",
-    "valve",
-    "pressure",
-    "flow",
-    "service",
-    "customer",
-    "order",
-    "warranty",
-    "inspection",
-    "seal",
-    "bearing",
-    "motor",
-    "housing",
-    "calibration",
-    "schedule",
-    "supplier",
-    "invoice",
-    "safety",
-    "procedure",
-    "engineer",
-    "approval",
-    "report",
-    "quarter",
-    "budget",
-    "release",
-    "incident",
-    "outage",
-    "network",
-    "database",
-    "backup",
-    "restore",
-    "policy",
-    "employee",
-    "manager",
-    "training",
-    "audit",
-    "compliance",
-    "contract",
-    "delivery",
-    "quality",
-    "test",
-    "sensor",
-    "telemetry",
+    "pump", "impeller", "valve", "pressure", "flow", "service", "customer", "order", "warranty",
+    "inspection", "seal", "bearing", "motor", "housing", "calibration", "schedule", "supplier",
+    "invoice", "safety", "procedure", "engineer", "approval", "report", "quarter", "budget",
+    "release", "incident", "outage", "network", "database", "backup", "restore", "policy",
+    "employee", "manager", "training", "audit", "compliance", "contract", "delivery", "quality",
+    "test", "sensor", "telemetry",
 ]
-
-
 PEOPLE = ["Jane Roe", "Margaret Whitfield", "Daniel Okafor", "Priya Natarajan", "Tom Becker"]
+# The stages of a sync, as SyncSummary.seconds names them; "compliance" is redact_pii.
+STAGES = ("fetch", "parse", "validate", "compliance", "chunk", "embed", "index", "commit")
+# Which text a stage reads: the parsed documents, or the chunks (overlap included).
+READS_CHUNKS = ("embed", "index", "commit")
 
 
 def _paragraph(rng: random.Random, sentences: int) -> str:
@@ -80,125 +46,307 @@ def _paragraph(rng: random.Random, sentences: int) -> str:
 
 
 def write_corpus(root: Path, documents: int, seed: int = 7) -> None:
-    """Markdown documents of 2-4 sections each, about 1,500-3,000 characters."""
+    """Small Markdown documents, a title and one short paragraph (about 200-500 characters):
+    one chunk each, so 10,000 of them embed in minutes on 2 cores."""
     rng = random.Random(seed)
     for i in range(documents):
-        sections = [
-            f"## Section {s + 1}\n\n{_paragraph(rng, rng.randint(4, 8))}"
-            for s in range(rng.randint(2, 4))
-        ]
         path = root / f"team-{i % 20:02}" / f"doc-{i:05}.md"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# Document {i}\n\n" + "\n\n".join(sections) + "\n")
+        path.write_text(f"# Document {i}\n\n{_paragraph(rng, rng.randint(2, 4))}\n")
+
+
+def _rate(amount: float, seconds: float) -> float | None:
+    return round(amount / seconds, 1) if seconds > 0 else None
+
+
+def _timed(call: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = call()
+    return result, time.perf_counter() - started
+
+
+class Bench:
+    """One corpus, and a fresh state DB and collection for every run over it."""
+
+    def __init__(self, work: Path, policy: list[str]) -> None:
+        self.work, self.policy = work, policy
+        self.corpus, self.large = work / "corpus", work / "large"
+        sources = [{"name": name, "type": "folder", "params": {"root": str(root)},
+                    "principals": {"": ["group:staff"]}, "policy": frameworks}
+                   for name, root, frameworks in (("plain", self.corpus, []),
+                                                  ("policy", self.corpus, policy),
+                                                  ("large", self.large, []))]
+        (work / "headwater.yaml").write_text(json.dumps({"sources": sources}))
+        os.environ["HEADWATER_CONFIG"] = str(work / "headwater.yaml")
+        os.environ.setdefault("HEADWATER_SUBJECT_KEY", uuid.uuid4().hex * 2)
+        self.collections: list[str] = []
+
+    def fresh(self, backend: str) -> Any:
+        """Settings for a run of its own: the backend, an empty state DB and collection."""
+        from headwater.settings import get_settings
+
+        run = uuid.uuid4().hex[:8]
+        self.collections.append(f"Bench{run}")
+        os.environ.update({"HEADWATER_EMBEDDING_BACKEND": backend,
+                           "HEADWATER_STATE_DB_URL": f"sqlite:///{self.work / run}.db",
+                           "HEADWATER_COLLECTION": f"Bench{run}"})
+        get_settings.cache_clear()
+        return get_settings()
+
+    def drop_collections(self) -> None:
+        from headwater.settings import get_settings
+        from tasks.index import connect_index, delete_index
+
+        with connect_index(get_settings()) as client:
+            for name in self.collections:
+                delete_index(client, name)
+
+
+def plain_sync(source: str) -> dict:
+    """The sync flow's stages as plain functions, in the flow's order and with its overlap
+    (batch N written on a thread while batch N+1 is prepared), without Prefect."""
+    from headwater.settings import get_settings
+    from tasks import ingest
+
+    ctx = ingest.open_sync(get_settings(), source, full=False)
+    summary = ingest.SyncSummary(source)
+    deletions = ingest.HeldDeletions()
+
+    def write(batch: ingest.Batch) -> ingest.Batch:
+        for stage in (ingest.validate_chunks, ingest.index_chunks, ingest.commit_batch):
+            batch = stage(ctx, batch)
+        return batch
+
+    with ThreadPoolExecutor(1) as writer:
+        pending: Future | None = None
+        for batch in ingest.list_pages(ctx):
+            batch = deletions.hold(batch)
+            for stage in (ingest.fetch_documents, ingest.parse_documents,
+                          ingest.validate_documents, ingest.redact_pii,
+                          ingest.chunk_documents, ingest.embed_chunks):
+                batch = stage(ctx, batch) if batch.changes else batch
+            if pending is not None:
+                summary.add(pending.result())
+            pending = writer.submit(write, batch)
+        if pending is not None:
+            summary.add(pending.result())
+    assert not deletions, "a first sync deletes nothing"
+    return ingest.close_sync(ctx, summary, "completed")
+
+
+def stage_table(summary: dict, doc_chars: int, chunk_chars: int) -> dict[str, dict]:
+    rows = {}
+    for stage in STAGES:
+        seconds = summary["seconds"].get(stage, 0.0)
+        chars = chunk_chars if stage in READS_CHUNKS else doc_chars
+        rows["redact_pii" if stage == "compliance" else stage] = {
+            "seconds": round(seconds, 2), "chars_per_s": _rate(chars, seconds),
+            "chunks_per_s": _rate(summary["chunks_written"], seconds)}
+    return rows
+
+
+def sync_run(bench: Bench, backend: str, source: str, doc_chars: int, chunk_chars: int,
+             raw_s: float, plain: bool = False) -> dict:
+    from flows.sync import sync_source
+
+    bench.fresh(backend)
+    summary, wall = _timed(lambda: plain_sync(source) if plain else sync_source(source))
+    assert summary["status"] == "completed" and summary["quarantined"] == 0, summary
+    return {"wall_s": round(wall, 1), "chunks": summary["chunks_written"],
+            "documents_per_s": _rate(summary["new"], wall),
+            "chunks_per_s": _rate(summary["chunks_written"], wall),
+            # Raw encode time of the same chunks over the sync's wall time.
+            "to_raw_encode": round(raw_s / wall, 3),
+            "stages": stage_table(summary, doc_chars, chunk_chars)}
+
+
+def compliance_figures(parsed: Sequence[Any], frameworks: list[str]) -> dict:
+    """The compliance stage (Policy.apply) in process and in worker processes, spaCy's own
+    n_process, against Presidio's plain per-document analyze() loop, on the same documents."""
+    from presidio_analyzer import AnalyzerEngine
+    from presidio_analyzer.nlp_engine import NlpEngineProvider
+
+    from headwater.config import source_config
+    from headwater.settings import get_settings
+    from tasks import compliance
+
+    settings = get_settings()
+    policy = compliance.load_policy(source_config(settings.config, "policy"), settings)
+    texts = [p.text for p in parsed]
+    chars = sum(map(len, texts))
+    one = compliance.Policy(**{**policy.__dict__, "processes": 1})
+    one.apply(parsed[:10])  # the pipeline loaded before any clock starts
+    figures: dict[str, Any] = {"documents": len(parsed), "chars": chars,
+                               "processes": policy.processes}
+    compliance.shutdown_pool()
+    _, seconds = _timed(lambda: policy.apply(parsed))
+    # Starting the forkserver, its imports and a pipeline per worker, with a first pass.
+    figures["pool_start_and_first_pass_s"] = round(seconds, 2)
+    rows = {}
+    _, rows["stage_pool"] = _timed(lambda: policy.apply(parsed))
+    _, rows["stage_in_process"] = _timed(lambda: one.apply(parsed))
+    engine = compliance.analyzer(policy.model, policy.recognizers)
+    _, rows["batch_spacy_n_process"] = _timed(lambda: list(engine.analyze_iterator(
+        texts, language="en", batch_size=compliance.ANALYZER_BATCH, n_process=policy.processes,
+        entities=policy.entities, score_threshold=policy.min_score)))
+    # The naive way: Presidio on the whole installed pipeline, one analyze() per document.
+    full = NlpEngineProvider(nlp_configuration={"nlp_engine_name": "spacy", "models": [
+        {"lang_code": "en", "model_name": policy.model}]}).create_engine()
+    naive = AnalyzerEngine(nlp_engine=full, supported_languages=["en"])
+    naive.analyze(texts[0], language="en")
+    _, rows["plain_analyze_loop"] = _timed(lambda: [naive.analyze(
+        t, language="en", entities=policy.entities, score_threshold=policy.min_score)
+        for t in texts])
+    figures["chars_per_s"] = {k: round(chars / s) for k, s in rows.items()}
+    figures["stage_to_plain_loop"] = round(rows["plain_analyze_loop"] / rows["stage_pool"], 2)
+    figures["recognizers"] = recognizer_costs(policy, texts, rows["stage_in_process"])
+    return figures
+
+
+def recognizer_costs(policy: Any, texts: list[str], stage_s: float) -> list[dict]:
+    """Each recognizer the policy runs: its own seconds on the texts (the NER's once for all),
+    and the findings the stage loses without it."""
+    from tasks import compliance
+
+    engine = compliance.analyzer(policy.model, policy.recognizers).analyzer_engine
+    artifacts, ner_s = _timed(lambda: [a for _, a in engine.nlp_engine.process_batch(
+        texts, "en", batch_size=compliance.ANALYZER_BATCH)])
+
+    def findings(analyzer: Any) -> set[tuple[int, str, int, int]]:
+        found = set()
+        for n, (text, nlp) in enumerate(zip(texts, artifacts, strict=True)):
+            spans = [compliance.Span(r.entity_type, r.start, r.end, r.score) for r in
+                     analyzer.analyze(text, "en", entities=policy.entities,
+                                      score_threshold=policy.min_score, nlp_artifacts=nlp)]
+            found |= {(n, s.entity_type, s.start, s.end) for s in policy._without_overlaps(spans)}
+        return found
+
+    every = findings(engine)
+    rows = [{"recognizer": "spaCy NER (the pipeline)", "entities": "PERSON, LOCATION, NRP, ...",
+             "seconds": round(ner_s, 2), "share_of_stage": round(ner_s / stage_s, 3),
+             "findings": None, "findings_added": None}]
+    for recognizer in engine.registry.get_recognizers("en", policy.entities):
+        found, seconds = _timed(lambda r=recognizer: [
+            x for t, a in zip(texts, artifacts, strict=True)
+            for x in r.analyze(t, policy.entities, a) or [] if x.score >= policy.min_score])
+        if recognizer.name == "SpacyRecognizer":
+            without = set()  # the NER's own findings: its cost is the row above
+            added = {f for f in every if f[1] in ("PERSON", "LOCATION", "NRP", "DATE_TIME")}
+        else:
+            without = findings(compliance.analyzer(policy.model, policy.recognizers,
+                                                   (recognizer.name,)).analyzer_engine)
+            added = every - without
+        rows.append({"recognizer": recognizer.name,
+                     "entities": ", ".join(sorted(set(recognizer.supported_entities)
+                                                  & set(policy.entities))),
+                     "seconds": round(seconds, 3), "share_of_stage": round(seconds / stage_s, 3),
+                     "findings": len(found), "findings_added": len(added)})
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--documents", type=int, default=1000)
-    parser.add_argument("--output", type=Path, help="Write the figures as JSON here too.")
+    parser.add_argument("--documents", type=int, default=2_000,
+                        help="Documents of the per-backend runs, compliance off and on.")
+    parser.add_argument("--prefect-documents", type=int, default=10_000,
+                        help="Documents of the flow-against-plain-functions runs.")
+    parser.add_argument("--backend", action="append", default=[],
+                        help="Embedding backends to run (repeatable); default torch and auto.")
     parser.add_argument("--policy", action="append", default=[],
-                        help="Compliance frameworks for the source (e.g. gdpr); none by default.")
+                        help="Frameworks of the compliance-on runs (repeatable); default gdpr.")
+    parser.add_argument("--compliance-sample", type=int, default=1000,
+                        help="Documents the compliance stage and the plain loop both read.")
+    parser.add_argument("--output", type=Path, help="Write the figures as JSON here too.")
     args = parser.parse_args()
+    backends = list(dict.fromkeys(args.backend or ["torch", "auto"]))
+    load_start = os.getloadavg()
 
     work = Path(tempfile.mkdtemp(prefix="headwater-bench-"))
-    corpus = work / "corpus"
-    write_corpus(corpus, args.documents)
-    (work / "headwater.yaml").write_text(
-        json.dumps(
-            {
-                "sources": [
-                    {
-                        "name": "bench",
-                        "type": "folder",
-                        "params": {"root": str(corpus)},
-                        "principals": {"": ["group:staff"]},
-                        "policy": args.policy,
-                    }
-                ]
-            }
-        )
-    )
-    collection = f"Bench{uuid.uuid4().hex[:8]}"
-    os.environ.update(
-        {
-            "HEADWATER_CONFIG": str(work / "headwater.yaml"),
-            "HEADWATER_STATE_DB_URL": f"sqlite:///{work / 'state.db'}",
-            "HEADWATER_COLLECTION": collection,
-        }
-    )
-    if args.policy:
-        os.environ.setdefault("HEADWATER_SUBJECT_KEY", uuid.uuid4().hex * 2)
+    bench = Bench(work, args.policy or ["gdpr"])
+    write_corpus(bench.corpus, args.documents)
+    write_corpus(bench.large, args.prefect_documents)
 
     from connectors.base import Change, ChangeKind
     from connectors.filesystem import FolderConnector
-    from flows.sync import sync_source
     from headwater.config import source_config
-    from headwater.settings import get_settings
     from tasks.chunk import chunk_documents
-    from tasks.embed import encode, load_model
-    from tasks.index import connect_index, delete_index
+    from tasks.embed import load_embedder
     from tasks.parse import parse_document
 
-    settings = get_settings()
-    model = load_model(settings.embedding_model)
-
-    # Raw encode on exactly the chunks the pipeline will embed, with the same batch size.
-    connector = FolderConnector(source_config(settings.config, "bench"))
-    parsed = [
-        parse_document(connector.fetch(Change(rel, ChangeKind.ADDED, "v")))
-        for rel, _ in connector._files()
-    ]
-    texts = [
-        c.text
-        for cs in chunk_documents(
-            parsed, model.tokenizer, settings.chunk_tokens, settings.chunk_overlap
-        ).values()
-        for c in cs
-    ]
-    parsed_chars = sum(len(p.text) for p in parsed)
-    encode(model, texts[:64], settings.embedding_batch_size)  # warm-up
-    started = time.perf_counter()
-    encode(model, texts, settings.embedding_batch_size)
-    raw_s = time.perf_counter() - started
-
-    started = time.perf_counter()
-    first = sync_source("bench")
-    first_s = time.perf_counter() - started
-    started = time.perf_counter()
-    second = sync_source("bench")
-    second_s = time.perf_counter() - started
-
-    with connect_index(settings) as client:
-        delete_index(client, collection)
-
-    figures = {
-        "documents": args.documents,
-        "chunks": len(texts),
-        "raw_encode_chunks_per_s": round(len(texts) / raw_s, 1),
-        "sync_seconds": round(first_s, 1),
-        "sync_documents_per_s": round(args.documents / first_s, 1),
-        "sync_chunks_per_s": round(first["chunks_written"] / first_s, 1),
-        "pipeline_to_raw_encode": round(raw_s / first_s, 3),
-        "stage_seconds": first["seconds"],
-        # Both suites on every batch (Great Expectations), as a share of the whole sync.
-        "validation_share_of_sync": round(first["seconds"]["validate"] / first_s, 4),
-        "policy": args.policy,
-        # The compliance stage reads every parsed character; the embedding stage the chunks.
-        "compliance_share_of_sync": round(first["seconds"].get("compliance", 0) / first_s, 4),
-        "compliance_chars_per_s": round(parsed_chars / first["seconds"]["compliance"])
-        if args.policy and first["seconds"].get("compliance") else None,
-        "embed_chars_per_s": round(sum(map(len, texts)) / first["seconds"]["embed"]),
-        "no_change_resync_seconds": round(second_s, 2),
-        "no_change_resync_fraction": round(second_s / first_s, 4),
-        "no_change_resync_embedded": second["embedded"],
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    settings = bench.fresh("torch")
+    connector = FolderConnector(source_config(settings.config, "plain"))
+    parsed = [parse_document(connector.fetch(Change(rel, ChangeKind.ADDED, "v")))
+              for rel, _ in connector._files()]
+    embedder = load_embedder(settings.embedding_model, "torch", settings.cache_dir)
+    texts = [c.text for cs in chunk_documents(parsed, embedder.tokenizer, settings.chunk_tokens,
+                                              settings.chunk_overlap).values() for c in cs]
+    doc_chars, chunk_chars = sum(len(p.text) for p in parsed), sum(map(len, texts))
+    figures: dict[str, Any] = {
+        "documents": args.documents, "chunks": len(texts), "document_chars": doc_chars,
+        "chunk_chars": chunk_chars, "policy": bench.policy,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-    }
-    # Redaction changes the text, so with a policy the chunks differ slightly from raw ones.
-    assert args.policy or first["chunks_written"] == len(texts), (first, len(texts))
+        "load_average_start": [round(x, 2) for x in load_start], "backends": {}}
+    try:
+        figures["compliance"] = compliance_figures(parsed[: args.compliance_sample],
+                                                   bench.policy)
+        for backend in backends:
+            embedder = load_embedder(settings.embedding_model, backend, settings.cache_dir)
+            embedder.encode(texts[:64], settings.embedding_batch_size)  # warm-up
+            _, raw_s = _timed(lambda e=embedder: e.encode(texts, settings.embedding_batch_size))
+            row: dict[str, Any] = {"resolved": embedder.backend, "raw_encode_s": round(raw_s, 1),
+                                   "raw_chunks_per_s": _rate(len(texts), raw_s),
+                                   "raw_chars_per_s": _rate(chunk_chars, raw_s)}
+            for name, source in (("compliance_off", "plain"), ("compliance_on", "policy")):
+                row[name] = sync_run(bench, backend, source, doc_chars, chunk_chars, raw_s)
+            figures["backends"][backend] = row
+        # Prefect's share: the large ingest on the default backend, through the flow and as
+        # plain functions (compliance off: its cost is the same either way, and its time is
+        # better spent on a larger corpus).
+        default = backends[-1]
+        runs = {kind: sync_run(bench, default, "large", 0, 0, 1.0, plain=kind == "plain")
+                for kind in ("flow", "plain")}
+        flow_s, plain_s = runs["flow"]["wall_s"], runs["plain"]["wall_s"]
+        figures["prefect"] = {"backend": default, "documents": args.prefect_documents,
+                              "chunks": runs["flow"]["chunks"], "flow_wall_s": flow_s,
+                              "plain_wall_s": plain_s,
+                              "share_of_flow": round((flow_s - plain_s) / flow_s, 4),
+                              "stage_seconds": {k: {s: r["seconds"] for s, r in v[
+                                  "stages"].items()} for k, v in runs.items()}}
+    finally:
+        bench.drop_collections()
+    figures["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(figures, indent=2))
+    print_table(figures)
     if args.output:
         args.output.write_text(json.dumps(figures, indent=2))
+
+
+def print_table(figures: dict) -> None:
+    print(f"\n{figures['documents']} documents, {figures['chunks']} chunks; load "
+          f"{figures['load_average_start']} -> {figures['load_average_end']}")
+    for backend, row in figures["backends"].items():
+        print(f"\n{backend} ({row['resolved']}): raw encode {row['raw_chunks_per_s']} chunks/s, "
+              f"{row['raw_chars_per_s']} chars/s")
+        print(f"{'stage':<12}" + "".join(f"{c:>26}" for c in ("off: chars/s, chunks/s",
+                                                             "on: chars/s, chunks/s")))
+        for stage in row["compliance_off"]["stages"]:
+            cells = [row[k]["stages"][stage] for k in ("compliance_off", "compliance_on")]
+            print(f"{stage:<12}" + "".join(f"{c['chars_per_s']!s:>16}{c['chunks_per_s']!s:>10}"
+                                           for c in cells))
+        for k in ("compliance_off", "compliance_on"):
+            print(f"end to end, {k}: {row[k]['chunks_per_s']} chunks/s, "
+                  f"{row[k]['to_raw_encode']:.1%} of raw encode ({row[k]['wall_s']} s)")
+    c = figures["compliance"]
+    print(f"\ncompliance on {c['documents']} documents: " + ", ".join(
+        f"{k} {v} chars/s" for k, v in c["chars_per_s"].items())
+        + f"; stage / plain loop {c['stage_to_plain_loop']}x")
+    for r in c["recognizers"]:
+        print(f"  {r['recognizer']:<28} {r['seconds']:>7} s {r['share_of_stage']:>7.1%} "
+              f"findings {r['findings']} added {r['findings_added']}")
+    p = figures["prefect"]
+    print(f"\nPrefect, {p['documents']} documents ({p['chunks']} chunks): flow "
+          f"{p['flow_wall_s']} s, plain functions {p['plain_wall_s']} s, share "
+          f"{p['share_of_flow']:.2%}")
 
 
 if __name__ == "__main__":

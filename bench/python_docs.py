@@ -22,6 +22,11 @@ DOCS = Path("/usr/share/doc/python3.11/html")
 SOURCE = "python-docs"
 # The default hybrid first: the A/B comparisons are each other variant against it.
 VARIANTS = ["hybrid", "bm25", "vector"]
+# The tuning grid, run on the tuning half only: hybrid weights, fusion types and the
+# properties BM25 searches (heading_path: the chunk's section headings).
+GRID_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+GRID_FUSIONS = {"relative": "relativeScoreFusion", "ranked": "rankedFusion"}
+GRID_PROPERTIES = ("text+title^2", "text", "text+title^2+heading_path")
 _QUALIFIER = re.compile(r"\s*\([^()]+\)\s*$")
 # An index term linked from this many pages or more is a topic word, not a question.
 MAX_PAGES_PER_TERM = 8
@@ -118,11 +123,55 @@ def prepare(html_dir: Path, workdir: Path, subset: str, cap: int | None, queries
             "config": config}
 
 
-def run(html_dir: Path = DOCS, subset: str = "library", cap: int | None = 60,
-        queries: int = 300, seed: int = 7, data_dir: Path | None = None) -> dict[str, Any]:
-    """Build, sync (incremental on a re-run) and evaluate; returns the evaluation report."""
+def grid_variants() -> list[str]:
+    """The tuning grid as variant specs, BM25 only first (the grid's A/B baseline)."""
+    return ["bm25"] + [
+        f"{short}/a{alpha}/{properties}:alpha={alpha},fusion={fusion},"
+        f"query_properties={properties}"
+        for short, fusion in GRID_FUSIONS.items() for properties in GRID_PROPERTIES
+        for alpha in GRID_ALPHAS]
+
+
+def grid_names() -> list[str]:
+    """The grid's own variants, those the rule chooses from (BM25 only is not one)."""
+    return [spec.partition(":")[0] for spec in grid_variants()[1:]]
+
+
+def grid_markdown(report: dict[str, Any], chosen: str) -> str:
+    """The grid's tuning scores, mean of recall@5 and MRR@10: a row per alpha, a column per
+    fusion type and BM25 properties."""
+    from tasks.evaluate import tuning_score
+
+    scores = {name: tuning_score(v["metrics"]) for name, v in report["variants"].items()}
+    columns = [f"{short}/{props}" for short in GRID_FUSIONS for props in GRID_PROPERTIES]
+    lines = ["| alpha | " + " | ".join(f"`{c}`" for c in columns) + " |",
+             "| ---: |" + " ---: |" * len(columns)]
+    for alpha in GRID_ALPHAS:
+        cells = []
+        for column in columns:
+            short, props = column.split("/", 1)
+            name = f"{short}/a{alpha}/{props}"
+            cells.append(f"**{scores[name]:.4f}**" if name == chosen else f"{scores[name]:.4f}")
+        lines.append(f"| {alpha} | " + " | ".join(cells) + " |")
+    bm25 = report["variants"]["bm25"]["metrics"]
+    lines += ["", f"BM25 only on the same queries: {tuning_score(bm25):.4f} (recall@5 "
+              f"{bm25['recall@5']}, MRR@10 {bm25['mrr@10']}). Chosen by the rule: `{chosen}` "
+              f"({report['variants'][chosen]['config']})."]
+    return "\n".join(lines)
+
+
+def run(html_dir: Path = DOCS, subset: str = "library", cap: int | None = None,
+        queries: int = 1000, seed: int = 7, data_dir: Path | None = None,
+        split: str = "test", grid: bool = False) -> dict[str, Any]:
+    """Build, sync (incremental on a re-run) and evaluate the default against BM25 and
+    vector search on the `split` half; with `grid`, the tuning grid instead (on the tuning
+    half: tuning on the held-out half would make its figures worthless), its report holding
+    the variant the rule chooses as `chosen`."""
     from headwater.settings import get_settings
 
+    if grid and split != "tune":
+        raise HeadwaterError(f"the grid is tuned on the tuning half, not on {split!r}: "
+                             "use --split tune")
     key = f"{subset.replace('/', '')}{cap or 'all'}s{seed}"
     workdir = (data_dir or get_settings().data_dir) / "bench" / f"{SOURCE}-{key}"
     prepared = prepare(html_dir, workdir, subset, cap, queries, seed)
@@ -134,12 +183,15 @@ def run(html_dir: Path = DOCS, subset: str = "library", cap: int | None = 60,
     get_settings.cache_clear()
     from flows.evaluate import evaluate_retrieval
     from flows.sync import sync_source
+    from tasks.evaluate import choose_tuned
 
     state = sync_source(SOURCE, return_state=True)
     if not state.is_completed():
         raise HeadwaterError(f"the sync of the benchmark pages failed: {state.message}")
-    report = evaluate_retrieval(str(prepared["dataset"]), VARIANTS, [])
-    return {**report, "pages": prepared["pages"], "sync": state.result()}
+    report = evaluate_retrieval(str(prepared["dataset"]),
+                                grid_variants() if grid else VARIANTS, [], split)
+    extra = {"chosen": choose_tuned(report, grid_names())} if grid else {}
+    return {**report, **extra, "pages": prepared["pages"], "sync": state.result()}
 
 
 def main() -> None:
@@ -147,15 +199,18 @@ def main() -> None:
     parser.add_argument("--html-dir", type=Path, default=DOCS)
     parser.add_argument("--subset", default="library",
                         help="pages under this folder (library, reference, howto) or 'all'")
-    parser.add_argument("--pages", type=int, default=60,
+    parser.add_argument("--pages", type=int, default=0,
                         help="at most this many pages, chosen with the seed (0: every page)")
-    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--split", choices=["tune", "test", "all"], default="test")
+    parser.add_argument("--grid", action="store_true", help="run the tuning grid (--split tune)")
     args = parser.parse_args()
     from tasks.evaluate import report_markdown
 
-    report = run(args.html_dir, args.subset, args.pages or None, args.queries, args.seed)
-    print(report_markdown(report))
+    report = run(args.html_dir, args.subset, args.pages or None, args.queries, args.seed,
+                 split=args.split, grid=args.grid)
+    print(grid_markdown(report, report["chosen"]) if args.grid else report_markdown(report))
 
 
 if __name__ == "__main__":

@@ -16,17 +16,21 @@ from headwater.records import Caller
 from headwater.settings import get_settings
 from headwater.state import StateStore
 from tasks import evaluate
-from tasks.embed import load_model
+from tasks.embed import load_embedder
 from tasks.index import connect_index
 
 load_query_set = task(name="load_query_set", cache_policy=NO_CACHE)(evaluate.load_query_set)
+select_split = task(name="select_split", cache_policy=NO_CACHE)(evaluate.select_split)
 compare_variants = task(name="compare_variants", cache_policy=NO_CACHE)(
     evaluate.compare_variants)
 
 
 @task(name="embed_queries", cache_policy=NO_CACHE)
 def embed_queries(queries: list[evaluate.LabelledQuery]) -> tuple:
-    return evaluate.embed_queries(load_model(get_settings().embedding_model), queries)
+    settings = get_settings()  # questions on the index's backend, as the API embeds them
+    return evaluate.embed_queries(load_embedder(settings.embedding_model,
+                                                settings.embedding_backend, settings.cache_dir),
+                                  queries)
 
 
 @task(name="run_variant", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
@@ -36,8 +40,8 @@ def run_variant(queries: list[evaluate.LabelledQuery], embedded: tuple,
     settings = get_settings()
     vectors, embed_s = embedded
     with connect_index(settings) as client:
-        return evaluate.run_variant(client, settings.collection, queries, vectors, variant,
-                                    principals, settings.retrieval_alpha, embed_s)
+        return evaluate.run_variant(client, settings, queries, vectors, variant, principals,
+                                    embed_s)
 
 
 @task(name="publish_evaluation", cache_policy=NO_CACHE)
@@ -54,15 +58,18 @@ def publish_evaluation(report: evaluate.EvaluationReport) -> dict:
 
 @flow(name="evaluate-retrieval", log_prints=True)
 def evaluate_retrieval(dataset: str, variants: list[Any] | None = None,
-                       principals: list[str] | None = None) -> dict:
-    """Score each variant (the first is the A/B baseline) on `dataset` as `principals` would
-    see the index: public documents only when none are given."""
+                       principals: list[str] | None = None, split: str = "all") -> dict:
+    """Score each variant (the first is the A/B baseline) on `dataset`, or on its `tune` or
+    `test` half, as `principals` would see the index: public documents only when none are
+    given."""
     chosen = [evaluate.parse_variant(v) for v in variants or ["default"]]
     asking = Caller.from_principals(principals or []).principals
-    queries = load_query_set(dataset)
+    queries = select_split(load_query_set(dataset), split)
     embedded = opaque(embed_queries(queries))
     results = [run_variant(queries, embedded, variant, asking) for variant in chosen]
-    report = evaluate.EvaluationReport(str(flow_run.id or uuid.uuid4()), dataset,
+    # A half is named with the set: its queries, and so its fingerprint, are not the set's.
+    named = dataset if split == "all" else f"{dataset} ({split} half)"
+    report = evaluate.EvaluationReport(str(flow_run.id or uuid.uuid4()), named,
                                        evaluate.fingerprint(queries), asking, results,
                                        compare_variants(opaque(results)))
     return publish_evaluation(opaque(report))

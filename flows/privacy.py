@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 from pydantic import SecretStr
 
 from flows.sync import sync_source
@@ -47,7 +48,8 @@ def data_subject_request(kind: str, identifiers: dict[str, SecretStr | list[Secr
     Prefect Secret block holding them. Only keyed hashes go further than the first task."""
     settings = get_settings()
     given = identifiers or (load_identifiers(identifiers_secret) if identifiers_secret else {})
-    request = open_request(settings, kind, requested_by, given, scope)
+    request = open_request(settings, kind, requested_by, given, scope,
+                           str(flow_run.id) if flow_run.id else None)
     try:
         if kind in ("access", "portability"):
             result = export_mentions(settings, request, output)

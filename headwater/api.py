@@ -116,12 +116,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         import torch
 
         from tasks.answer import generator_for
-        from tasks.embed import QueryEncoder, load_model
+        from tasks.embed import QueryEncoder, load_embedder
         from tasks.index import connect_index
 
         torch.set_num_threads(settings.api_torch_threads)
         # Load once per process: the model, one index client and one generator (its breakers).
-        state["model"] = await run_in_threadpool(load_model, settings.embedding_model)
+        # Questions on the index's backend: vectors compare only within one model+backend.
+        state["model"] = await run_in_threadpool(
+            load_embedder, settings.embedding_model, settings.embedding_backend,
+            settings.cache_dir)
         state["encoder"] = QueryEncoder(state["model"])
         state["store"] = StateStore(settings.resolved_state_db_url)
         state["audit"] = AuditWriter(state["store"])
@@ -184,6 +187,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(notifications_router)
     app.include_router(feedback_router)
+    if settings.console_enabled:
+        from fastapi.responses import RedirectResponse
+
+        from headwater.console import router as console_router
+
+        app.include_router(console_router)
+
+        @app.get("/", include_in_schema=False)
+        def home() -> RedirectResponse:
+            return RedirectResponse("/console", status_code=307)
 
     @app.post("/v1/query", response_model=QueryResponse,
               responses={401: {}, 403: {}, 413: {}, 422: {}, 503: {}})

@@ -16,9 +16,12 @@ QUERY = "rag:query"
 VIEW_SOURCES = "rag:view_sources"
 TUNE = "rag:tune"
 ADMIN = "rag:admin"
+# Data-subject requests and the audit trail: compliance officers' work.
+PRIVACY = "rag:privacy"
 
 ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
-    "admin": frozenset({QUERY, VIEW_SOURCES, TUNE, ADMIN}),
+    "admin": frozenset({QUERY, VIEW_SOURCES, TUNE, ADMIN, PRIVACY}),
+    "compliance_officer": frozenset({QUERY, VIEW_SOURCES, PRIVACY}),
     "power_user": frozenset({QUERY, VIEW_SOURCES, TUNE}),
     "user": frozenset({QUERY, VIEW_SOURCES}),
     "readonly": frozenset({VIEW_SOURCES}),

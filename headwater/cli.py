@@ -548,10 +548,13 @@ def eval_run(
     variant: Annotated[list[str] | None, typer.Option(
         "--variant", help="Repeatable; the first is the A/B baseline. A preset (default, "
         "bm25, vector, mmr) or name:key=value,... with alpha, top_k, mmr, "
-        "max_chunks_per_doc, collection (e.g. top1:top_k=1).")] = None,
+        "max_chunks_per_doc, collection, fusion, query_properties (joined by +), e.g. "
+        "top1:top_k=1 or ranked:fusion=rankedFusion,query_properties=text+title^3.")] = None,
     principal: Annotated[list[str] | None, typer.Option(
         "--principal", help="Repeatable: ask as user:<id> / group:<id> (default: public "
         "documents only).")] = None,
+    split: str = typer.Option("all", "--split", help="tune, test (the halves a seeded hash "
+                              "of each query's id puts it in) or all."),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
 ) -> None:
     """Score retrieval variants on a query set; results are stored to compare over time."""
@@ -559,7 +562,7 @@ def eval_run(
 
     from flows.evaluate import evaluate_retrieval
     from headwater.records import Caller
-    from tasks.evaluate import parse_variant, report_markdown
+    from tasks.evaluate import SPLITS, parse_variant, report_markdown
 
     variant, principal = variant or ["default"], principal or []
     try:
@@ -570,7 +573,9 @@ def eval_run(
         _fail(error)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--principal") from error
-    state = evaluate_retrieval(dataset, variant, principal, return_state=True)
+    if split not in SPLITS:
+        raise typer.BadParameter(f"use one of {', '.join(SPLITS)}", param_hint="--split")
+    state = evaluate_retrieval(dataset, variant, principal, split, return_state=True)
     if not state.is_completed():
         _evaluation_failed(state)
     report = state.result()
@@ -583,30 +588,39 @@ def eval_python_docs(
                                  help="Python's HTML docs (Debian: python3.11-doc)."),
     subset: str = typer.Option("library", "--subset",
                                help="Pages under this folder (library, reference, ...) or all."),
-    pages: int = typer.Option(60, "--pages", help="At most this many pages, chosen with the "
+    pages: int = typer.Option(0, "--pages", help="At most this many pages, chosen with the "
                               "seed (0: every page of the subset)."),
-    queries: int = typer.Option(300, "--queries", help="Index terms sampled as queries."),
+    queries: int = typer.Option(1000, "--queries", help="Index terms sampled as queries."),
     seed: int = typer.Option(7, "--seed"),
+    split: str = typer.Option("test", "--split", help="The held-out half (test), the tuning "
+                              "half (tune) or all queries."),
+    grid: bool = typer.Option(False, "--grid", help="Run the tuning grid (alpha, fusion, "
+                              "BM25 properties) on --split tune and name the variant the rule "
+                              "chooses."),
 ) -> None:
     """The public benchmark: sync Python's docs, ask their index terms, compare BM25, vector
     and hybrid retrieval. Installs nothing: the docs must be there."""
     import importlib.util
 
     from headwater.settings import PROJECT_ROOT
-    from tasks.evaluate import report_markdown
+    from tasks.evaluate import SPLITS, report_markdown
 
+    if split not in SPLITS:  # before a sync of many minutes, not after
+        raise typer.BadParameter(f"use one of {', '.join(SPLITS)}", param_hint="--split")
     # bench/ holds scripts, not an installed package.
     spec = importlib.util.spec_from_file_location("python_docs",
                                                   PROJECT_ROOT / "bench" / "python_docs.py")
     bench = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(bench)  # type: ignore[union-attr]
     try:
-        report = bench.run(Path(html_dir), subset, pages or None, queries, seed)
+        report = bench.run(Path(html_dir), subset, pages or None, queries, seed, split=split,
+                           grid=grid)
     except HeadwaterError as error:
         _fail(error)
     typer.echo(f"{report['pages']} pages, {report['sync']['chunks_written']} chunks written "
                f"by this run's sync\n")
-    typer.echo(report_markdown(report))
+    typer.echo(bench.grid_markdown(report, report["chosen"]) if grid
+               else report_markdown(report))
 
 
 @eval_app.command("history")

@@ -153,6 +153,10 @@ class Compliance(BaseModel):
     min_score: float = Field(
         default=0.4, ge=0, le=1,
         description="Findings scored below this are left alone (a bare phone number is 0.4).")
+    disabled_recognizers: list[str] = Field(
+        default_factory=list,
+        description="Predefined Presidio recognizers (by class name, e.g. PhoneRecognizer) this "
+        "source does without; one that finds a type the policy removes is refused.")
 
 
 class SourceConfig(BaseModel):

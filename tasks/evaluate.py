@@ -11,13 +11,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from headwater.errors import HeadwaterError
 from headwater.records import QueryFilters
+from headwater.settings import Settings
 from headwater.state import StateStore, utcnow
 from tasks.embed import encode
 from tasks.retrieve import RetrievedDocument, retrieve
@@ -29,6 +30,11 @@ DEPTH = 10
 SIGNIFICANCE = 0.05
 RESAMPLES = 10_000
 SEED = 20261123
+# Which half of a query set a query falls in: a hash of this and its id, so a query keeps its
+# half when others are added or removed. Settings are tuned on `tune` and reported on `test`.
+SPLIT_SEED = "headwater-split-1"
+Split = Literal["tune", "test", "all"]
+SPLITS: tuple[Split, ...] = ("tune", "test", "all")
 
 
 class QuerySetError(HeadwaterError):
@@ -108,6 +114,23 @@ def fingerprint(queries: Sequence[LabelledQuery]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def split_of(query_id: str, seed: str = SPLIT_SEED) -> Split:
+    """The half a query belongs to, from its id alone."""
+    digest = hashlib.sha256(f"{seed}:{query_id}".encode()).digest()
+    return "tune" if digest[0] % 2 == 0 else "test"
+
+
+def select_split(queries: Sequence[LabelledQuery], split: str,
+                 seed: str = SPLIT_SEED) -> list[LabelledQuery]:
+    """The queries of one half (`tune` or `test`), or all of them."""
+    if split not in SPLITS:
+        raise QuerySetError(f"there is no split {split!r}: use one of {', '.join(SPLITS)}")
+    chosen = [q for q in queries if split == "all" or split_of(str(q.id), seed) == split]
+    if not chosen:
+        raise QuerySetError(f"the {split} half of the query set holds no queries")
+    return chosen
+
+
 # -- metrics on one ranked list ---------------------------------------------------------------
 
 
@@ -172,6 +195,25 @@ class Variant(BaseModel):
     mmr: bool = False
     max_chunks_per_doc: int = Field(default=2, ge=1, le=10)
     collection: str | None = Field(default=None, description="None: HEADWATER_COLLECTION.")
+    fusion: Literal["relativeScoreFusion", "rankedFusion"] | None = Field(
+        default=None, description="None: HEADWATER_RETRIEVAL_FUSION.")
+    query_properties: list[str] | None = Field(
+        default=None, min_length=1, description="None: HEADWATER_RETRIEVAL_QUERY_PROPERTIES.")
+
+    @field_validator("query_properties", mode="before")
+    @classmethod
+    def _plus_separated(cls, value: object) -> object:
+        # In `name:key=value,...` commas separate settings, so properties are joined by `+`.
+        return [p for p in value.split("+") if p.strip()] if isinstance(value, str) else value
+
+    def resolved(self, settings: Settings) -> Variant:
+        """This variant with the settings' values where it names none: what actually ran."""
+        return self.model_copy(update={
+            "alpha": settings.retrieval_alpha if self.alpha is None else self.alpha,
+            "fusion": self.fusion or settings.retrieval_fusion,
+            "query_properties": self.query_properties or list(
+                settings.retrieval_query_properties),
+            "collection": self.collection or settings.collection})
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -184,7 +226,8 @@ def parse_variant(spec: str | dict[str, Any] | Variant) -> Variant:
     """A variant from `name` (a preset or a new name), `name:key=value,...`, or a mapping.
 
     `bm25`, `vector`, `hybrid`/`default` and `mmr` are presets; e.g. `top1:top_k=1`,
-    `small-chunks:collection=DocsChunks100`, `wide:alpha=0.75,max_chunks_per_doc=1`.
+    `small-chunks:collection=DocsChunks100`, `wide:alpha=0.75,max_chunks_per_doc=1`,
+    `ranked:fusion=rankedFusion,query_properties=text+title^3`.
     """
     if isinstance(spec, Variant):
         return spec
@@ -244,23 +287,45 @@ def embed_queries(model: Any, queries: Sequence[LabelledQuery],
     return vectors, (time.perf_counter() - started) / len(queries)
 
 
-def run_variant(client: Any, collection: str, queries: Sequence[LabelledQuery],
+def run_variant(client: Any, settings: Settings, queries: Sequence[LabelledQuery],
                 vectors: np.ndarray, variant: Variant, principals: Sequence[str],
-                default_alpha: float, embed_s_per_query: float = 0.0) -> VariantResult:
+                embed_s_per_query: float = 0.0) -> VariantResult:
     """Every query through the API's own retrieval (permission filter, hybrid search,
-    grouping by document), scored against its labels; latency is the search alone."""
+    grouping by document), scored against its labels; latency is the search alone. What the
+    variant leaves unset comes from `settings`, as it does for the API."""
+    variant = variant.resolved(settings)
     scores = []
     for query, vector in zip(queries, vectors, strict=True):
         started = time.perf_counter()
         documents = retrieve(
-            client, variant.collection or collection, query.query, vector, principals,
-            QueryFilters(), top_k=variant.top_k,
-            alpha=default_alpha if variant.alpha is None else variant.alpha,
-            max_chunks_per_doc=variant.max_chunks_per_doc, mmr=variant.mmr)
+            client, str(variant.collection), query.query, vector, principals,
+            QueryFilters(), top_k=variant.top_k, alpha=float(variant.alpha or 0.0),
+            max_chunks_per_doc=variant.max_chunks_per_doc, mmr=variant.mmr,
+            fusion=str(variant.fusion), query_properties=variant.query_properties or [])
         latency = time.perf_counter() - started
         ranked = judged_ids(documents, query)
         scores.append(QueryScore(str(query.id), score_ranking(ranked, query), latency, ranked))
     return VariantResult(variant, scores, embed_s_per_query)
+
+
+def tuning_score(metrics: dict[str, float]) -> float:
+    """What tuning maximises: the mean of recall@5 (is the answer among the first five) and
+    MRR@10 (how near the top it is)."""
+    return (metrics["recall@5"] + metrics["mrr@10"]) / 2
+
+
+def choose_tuned(report: dict[str, Any], among: Iterable[str] | None = None) -> str:
+    """The variant the rule fixed before tuning picks, of those named `among` (default: all):
+    the best tuning score; a tie (to four places) goes to the better nDCG@10, then to the
+    variant listed first."""
+    eligible = set(report["variants"] if among is None else among)
+    variants = [item for item in report["variants"].items() if item[0] in eligible]
+    if not variants:
+        raise VariantError("no evaluated variant to choose from")
+    best = max(variants, key=lambda item: (
+        round(tuning_score(item[1]["metrics"]), 4), item[1]["metrics"]["ndcg@10"],
+        -variants.index(item)))
+    return best[0]
 
 
 # -- paired comparison ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from weaviate.exceptions import UnexpectedStatusCodeError, WeaviateBaseError
 from connectors import open_connector
 from connectors.base import Change, ChangeKind, ChangePage, Connector
 from headwater.config import SourceConfig, source_config
-from headwater.errors import IndexWriteError, QualityGateFailed, SourceError
+from headwater.errors import ComplianceError, IndexWriteError, QualityGateFailed, SourceError
 from headwater.logs import (
     bind_contextvars,
     bound_contextvars,
@@ -317,6 +317,8 @@ def processing_fingerprint(settings: Settings, config: SourceConfig,
                              hashlib.sha256).hexdigest()[:16]  # the key changes hashed values
         facts["policy"] = [policy.actions, policy.classification, policy.custom_levels,
                            list(policy.recognizers), policy.min_score, key_check]
+        if policy.disabled:  # only when set, so fingerprints from before the option hold
+            facts["policy"].append(list(policy.disabled))
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
@@ -413,7 +415,8 @@ def _check_failed_share(ctx: SyncContext, batch: Batch) -> None:
     """Stop the run before this batch is written if too many of its documents failed."""
     limits = ctx.source.quality
     attempted = len(batch.of_kind(ChangeKind.ADDED, ChangeKind.MODIFIED))
-    failed = len(batch.rejected)
+    # A compliance analyzer that died says nothing about the source's documents.
+    failed = sum(1 for r in batch.rejected if r.stage != "compliance")
     if attempted >= limits.min_batch_for_failed_share and failed / attempted > (
             limits.max_failed_share):
         reasons = Counter(r.reason.split(":")[0] for r in batch.rejected).most_common(3)
@@ -501,8 +504,17 @@ def redact_pii(ctx: SyncContext, batch: Batch) -> Batch:
     """Apply the source's compliance policy: only processed text and titles go on to be
     chunked, embedded and indexed."""
     with _timed(batch, "compliance"):
-        batch.parsed, batch.findings = compliance.apply_policy(ctx.policy, ctx.source,
-                                                               batch.parsed)
+        try:
+            batch.parsed, batch.findings = compliance.apply_policy(ctx.policy, ctx.source,
+                                                                   batch.parsed)
+        except ComplianceError as error:
+            # The batch's documents wait in quarantine for the next sync (which reads them
+            # again) rather than pass unchecked; the run goes on with its next batch.
+            log.error("compliance stage failed", error=error.log_message,
+                      documents=len(batch.parsed))
+            batch.rejected += [Rejection(p.document.doc_id, "compliance", error.user_message,
+                                         p.document.version) for p in batch.parsed]
+            batch.parsed, batch.findings = [], {}
     return batch
 
 

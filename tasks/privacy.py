@@ -57,6 +57,7 @@ class PrivacyRequest(BaseModel):
     requested_by: str
     subjects: list[SubjectRef]
     scope: Scope = "chunks"
+    flow_run_id: str | None = None  # the Prefect run serving it, named in both audit entries
 
     @property
     def hmacs(self) -> list[str]:
@@ -163,7 +164,8 @@ def load_identifiers(secret_block: str) -> dict[str, Any]:
 
 
 def open_request(settings: Settings, kind: str, requested_by: str,
-                 identifiers: Mapping[str, Any], scope: Scope = "chunks") -> PrivacyRequest:
+                 identifiers: Mapping[str, Any], scope: Scope = "chunks",
+                 flow_run_id: str | None = None) -> PrivacyRequest:
     """Hash the identifiers and record the request's start (by hashes only)."""
     if kind not in KINDS:
         raise PrivacyRequestError(f"unknown request kind {kind!r}; known: {list(KINDS)}")
@@ -175,10 +177,11 @@ def open_request(settings: Settings, kind: str, requested_by: str,
     request = PrivacyRequest(request_id=str(uuid.uuid4()), kind=kind,
                              requested_by=requested_by,
                              subjects=subject_refs(identifiers, settings.resolved_subject_key),
-                             scope=scope)
+                             scope=scope, flow_run_id=flow_run_id)
     StateStore(settings.resolved_state_db_url).append_audit(
         requested_by, f"privacy.{kind}", request.resource, "started", request.request_id,
-        {"entity_types": sorted({s.entity_type for s in request.subjects}), "scope": scope})
+        {"entity_types": sorted({s.entity_type for s in request.subjects}), "scope": scope,
+         "flow_run_id": flow_run_id})
     return request
 
 
@@ -197,6 +200,7 @@ def close_request(settings: Settings, request: PrivacyRequest, result: PrivacyRe
                                         "subject_rows_removed", "cached_vectors_removed",
                                         "answers_withdrawn", "resynced_sources",
                                         "per_source", "message"})
+    counts["flow_run_id"] = request.flow_run_id
     StateStore(settings.resolved_state_db_url).append_audit(
         request.requested_by, f"privacy.{request.kind}", request.resource, result.outcome,
         request.request_id, counts)

@@ -42,6 +42,14 @@ class RetrievedDocument:
 RETURNED = ["doc_id", "source", "title", "url", "text", "heading_path", "ordinal"]
 
 
+FUSIONS = {"relativeScoreFusion": HybridFusion.RELATIVE_SCORE,
+           "rankedFusion": HybridFusion.RANKED}
+# Ranked fusion scores are weighted reciprocal ranks, 1/(60 + rank) from rank 0: at most 1/60,
+# for a chunk first in both lists. Scaled by 60 they lie in 0..1 as relative scores do, so an
+# answer's confidence and MMR read either alike.
+RANKED_SCALE = {"rankedFusion": 60.0}
+
+
 def candidate_count(top_k: int, max_chunks_per_doc: int) -> int:
     """Chunks to fetch so that grouping by document still fills `top_k` documents."""
     return top_k * max_chunks_per_doc * 3
@@ -92,8 +100,11 @@ def retrieve(
     alpha: float = 0.5,
     max_chunks_per_doc: int = 2,
     mmr: bool = False,
+    fusion: str = "relativeScoreFusion",
+    query_properties: Sequence[str] = ("text", "title^2"),
 ) -> list[RetrievedDocument]:
-    """Up to `top_k` documents the caller may read, each with its best chunks."""
+    """Up to `top_k` documents the caller may read, each with its best chunks; `fusion` and
+    `query_properties` are HEADWATER_RETRIEVAL_FUSION's and _QUERY_PROPERTIES' values."""
     candidates = candidate_count(top_k, max_chunks_per_doc)
     try:
         result = client.collections.use(collection).query.hybrid(
@@ -102,8 +113,8 @@ def retrieve(
             alpha=alpha,
             limit=candidates,
             filters=search_filter(principals, filters),
-            fusion_type=HybridFusion.RELATIVE_SCORE,
-            query_properties=["text", "title^2"],
+            fusion_type=FUSIONS[fusion],
+            query_properties=list(query_properties),
             return_properties=RETURNED,
             return_metadata=MetadataQuery(score=True),
             include_vector=mmr,
@@ -119,7 +130,7 @@ def retrieve(
             doc_id=str(p["doc_id"]), source=str(p["source"]), title=str(p.get("title") or ""),
             url=str(p.get("url") or "") or None, text=str(p["text"]),
             heading_path=list(p.get("heading_path") or []), ordinal=int(p["ordinal"]),
-            score=float(obj.metadata.score or 0.0),
+            score=float(obj.metadata.score or 0.0) * RANKED_SCALE.get(fusion, 1.0),
             vector=np.asarray(vector, dtype=np.float32) if vector is not None else None,
         )
         doc = by_doc.setdefault((chunk.source, chunk.doc_id), RetrievedDocument([]))

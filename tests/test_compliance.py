@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,7 @@ from pydantic import SecretStr
 from sqlalchemy import func, select
 
 from headwater.config import ConfigError, SourceConfig
+from headwater.errors import ComplianceError
 from headwater.records import Chunk, SourceDocument
 from headwater.settings import Settings, get_settings
 from headwater.state import StateStore, SubjectRow
@@ -443,3 +448,126 @@ def test_a_collection_made_before_classifications_gains_the_property(
     props = {p.name: p for p in weaviate_client.collections.use(collection).config.get().properties}
     assert props["classification"].tokenization == Tokenization.FIELD
     assert props["classification"].index_filterable
+
+
+# -- analyzer processes and optional recognizers ------------------------------------------------
+
+LONG = ("Pump seals are inspected weekly and the results are filed. " * 400
+        + "Escalations go to Jane Roe at jane.roe@example.com.")
+POOL_TABLE = [CONTACTS, REFUNDS, LONG, "", "Pump station inspections are weekly.",
+              *(f"On file: {value}." for value in VALUES.values()),
+              "Project Osprey replaces the old telemetry.", "# Jane Roe\n\nNotes."]
+CODENAMES = _source(compliance={"recognizers": [
+    {"entity": "PROJECT_CODENAME", "deny_list": ["Bluefin", "Osprey"]}]})
+
+
+def _gdpr_policy(**fields: object) -> compliance.Policy:
+    actions = compliance.resolve_actions(_source(policy=["gdpr"]))
+    recognizers = compliance.load_policy(CODENAMES, _settings()).recognizers
+    return _policy({**actions, "PROJECT_CODENAME": "redact"}, recognizers=recognizers, **fields)
+
+
+def _kill_first_worker(deadline_s: float = 120) -> int:
+    """Wait for an analyzer worker process to appear, then kill it; its pid."""
+    give_up = time.monotonic() + deadline_s
+    while not compliance.analyzer_processes():
+        assert time.monotonic() < give_up, "no analyzer worker started"
+        time.sleep(0.02)
+    pid = compliance.analyzer_processes()[0]
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_the_worker_processes_find_what_the_calling_process_finds(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compliance, "POOL_MIN_CHARS", 0)  # even this table goes to the pool
+    in_process = _gdpr_policy().analyze(POOL_TABLE)
+    pooled = _gdpr_policy(processes=2).analyze(POOL_TABLE)
+    assert len(compliance.analyzer_processes()) == 2
+    assert pooled == in_process
+    found = {s.entity_type for spans in pooled for s in spans}
+    assert {"PERSON", "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "PROJECT_CODENAME"} <= found
+    # Offsets of a text analysed in pieces point into the whole text.
+    last = pooled[POOL_TABLE.index(LONG)][-1]
+    assert LONG[last.start : last.end] == "jane.roe@example.com"
+
+
+def test_a_small_batch_is_analysed_in_the_calling_process(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compliance, "analyze_in_pool",
+                        lambda *args: pytest.fail("a small batch went to the worker processes"))
+    texts = [CONTACTS, REFUNDS]
+    assert sum(map(len, texts)) < compliance.POOL_MIN_CHARS
+    assert _gdpr_policy(processes=4).analyze(texts) == _gdpr_policy().analyze(texts)
+    assert compliance.compliance_processes(1) == 1
+    assert 1 <= compliance.compliance_processes("auto") <= min(os.cpu_count() or 1,
+                                                                compliance.AUTO_PROCESSES_CAP)
+
+
+def test_a_killed_worker_fails_its_batch_with_a_compliance_error_and_never_hangs() -> None:
+    compliance.shutdown_pool()  # a fresh pool: its workers appear with this batch
+    policy = _gdpr_policy(processes=2)
+    texts = [CONTACTS * 10, REFUNDS * 10] * 8
+    with ThreadPoolExecutor(1) as caller:
+        batch = caller.submit(policy.analyze, texts)
+        _kill_first_worker()
+        assert not batch.done()  # killed mid-batch
+        with pytest.raises(ComplianceError) as failed:
+            batch.result(timeout=120)
+    assert "process stopped while reading a batch" in failed.value.user_message
+    assert "BrokenProcessPool" in failed.value.log_message
+    # The broken pool is replaced at the next batch.
+    assert policy.analyze(texts[:2]) == _gdpr_policy().analyze(texts[:2])
+
+
+def test_a_sync_whose_analyzer_worker_is_killed_quarantines_the_batch_and_goes_on(
+    folder: FolderSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HEADWATER_COMPLIANCE_PROCESSES", "2")
+    _with_policy(folder, monkeypatch, policy=["gdpr"])
+    docs = {"desk/contacts.md": CONTACTS * 50, "finance/refunds.md": REFUNDS * 50}
+    for rel, text in docs.items():
+        folder.write(rel, text)
+    assert sum(map(len, docs.values())) > compliance.POOL_MIN_CHARS
+    compliance.shutdown_pool()
+    with ThreadPoolExecutor(1) as killer:
+        killed = killer.submit(_kill_first_worker)
+        summary = folder.sync()
+        killed.result(timeout=10)
+    assert (summary["status"], summary["new"], summary["quarantined"]) == ("completed", 0, 2)
+    held = folder.store.quarantined("handbook")
+    assert {(h.doc_id, h.stage) for h in held} == {(d, "compliance") for d in docs}
+    assert folder.index() == {}
+
+    # The next sync reads them again, through a new pool.
+    summary = folder.sync()
+    assert (summary["new"], summary["quarantined"]) == (2, 0)
+    texts = " ".join(t for chunks in folder.index().values() for t in chunks)
+    assert "<EMAIL_ADDRESS>" in texts and not any(value in texts for value in RAW)
+
+
+@pytest.mark.parametrize(("fields", "refusal"), [
+    ({"policy": ["gdpr"], "compliance": {"disabled_recognizers": ["PhoneRecognizer"]}},
+     "disables PhoneRecognizer, which finds ['PHONE_NUMBER'] that the source's policy removes"),
+    ({"policy": ["hipaa"], "compliance": {"disabled_recognizers": ["DateRecognizer"]}},
+     "disables DateRecognizer, which finds ['DATE_TIME']"),
+    ({"policy": ["gdpr"], "compliance": {"disabled_recognizers": ["PhoneRecogniser"]}},
+     "names ['PhoneRecogniser'], which are not recognizers"),
+])
+def test_disabling_a_recognizer_the_policy_needs_is_refused(fields: dict, refusal: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
+        compliance.load_policy(_source(**fields), _settings())
+
+
+def test_a_recognizer_the_policy_does_not_need_can_be_disabled() -> None:
+    source = _source(policy=["gdpr"], compliance={
+        "actions": {"PHONE_NUMBER": "keep"}, "disabled_recognizers": ["PhoneRecognizer"]})
+    policy = compliance.load_policy(source, _settings())
+    assert policy.disabled == ("PhoneRecognizer",)
+    text = f"Call {VALUES['PHONE_NUMBER']} or write to {VALUES['EMAIL_ADDRESS']}."
+    assert [s.entity_type for s in policy.analyze([text])[0]] == ["EMAIL_ADDRESS"]
+    with_phones = compliance.load_policy(_source(policy=["gdpr"]), _settings())
+    assert [s.entity_type for s in with_phones.analyze([text])[0]] == [
+        "PHONE_NUMBER", "EMAIL_ADDRESS"]

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FolderSource
+from conftest import FolderSource, bearer
 
 from headwater.config import SourceConfig
 from headwater.settings import Settings
 from tasks import embedding_backends as backends
-from tasks.embed import load_model, model_path
+from tasks.embed import load_model, model_path, query_encoder
 from tasks.embedding_backends import BackendUnavailable, GuardResult
 from tasks.ingest import processing_fingerprint
 
@@ -200,3 +200,70 @@ def test_sync_on_a_non_default_backend_tags_each_vector_with_model_and_backend(
     hashes = [o.properties["text_hash"] for o in objects]
     assert len(folder.store.cached_vectors(f"{MODEL}/onnx-int8", hashes)) == 2
     assert folder.store.cached_vectors(MODEL, hashes) == {}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_query_encoder_embeds_questions_on_the_configured_backend(
+        export_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from headwater.settings import get_settings
+
+    monkeypatch.setenv("HEADWATER_EMBEDDING_BACKEND", "onnx-int8")
+    monkeypatch.setenv("HEADWATER_CACHE_DIR", str(export_cache))
+    get_settings.cache_clear()
+    question = "How many days of annual leave do we get?"
+    int8 = _embedder("onnx-int8", export_cache).encode([question])[0]
+    fp32 = load_model(MODEL).encode([question], normalize_embeddings=True)[0]
+    try:
+        assert query_encoder(MODEL).model.backend == "onnx-int8"
+        assert np.allclose(query_encoder(MODEL).encode(question), int8, atol=1e-5)
+        assert np.allclose(query_encoder(MODEL, "torch").encode(question), fp32, atol=1e-5)
+    finally:
+        get_settings.cache_clear()
+
+
+def test_the_api_asks_an_int8_index_with_the_int8_vector_of_the_question(
+        folder: FolderSource, export_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    import tasks.answer
+    from headwater.api import create_app
+
+    monkeypatch.setenv("HEADWATER_EMBEDDING_BACKEND", "onnx-int8")
+    monkeypatch.setenv("HEADWATER_CACHE_DIR", str(export_cache))
+    folder.write("leave.md", "# Leave\n\nEvery employee has 25 days of annual leave a year.\n")
+    folder.write("vpn.txt", "Connect to the VPN with the corporate client before opening "
+                            "internal sites.\n")
+    folder.write("pump.md", "# BP-200 pump\n\nThe BP-200 pump moves 200 litres of water per "
+                            "minute and is serviced once a year.\n")
+    assert folder.sync()["new"] == 3
+    asked: list[np.ndarray] = []
+    retrieve = tasks.answer.retrieve
+
+    def seen(client: object, collection: str, question: str, vector: np.ndarray,
+             *args: object, **kwargs: object) -> object:
+        asked.append(np.asarray(vector))
+        return retrieve(client, collection, question, vector, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.answer, "retrieve", seen)
+    secret = "test-signing-secret-of-enough-length"
+    settings = Settings(collection=folder.collection, jwt_secret=secret,
+                        state_db_url=folder.env["HEADWATER_STATE_DB_URL"])
+    question = "How many days of annual leave do we get?"
+
+    with TestClient(create_app(settings)) as api:
+        answer = api.post("/v1/query", json={"question": question},
+                          headers={"Authorization": "Bearer "
+                                   + bearer(secret, "ann", ["staff"])})
+        ready = api.get("/readyz").json()
+
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["sources"][0]["doc_id"] == "leave.md"
+    assert ready["model"] == "ok"
+    int8 = _embedder("onnx-int8", export_cache).encode([question])[0]
+    fp32 = load_model(MODEL).encode([question], normalize_embeddings=True)[0]
+    assert len(asked) == 1 and _cosine(asked[0], int8) > 0.99999
+    # int8 moves a question's vector measurably off torch fp32's: the check above tells them apart.
+    assert _cosine(asked[0], fp32) < 0.9999

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from conftest import FolderSource
 
-from headwater.settings import PROJECT_ROOT, get_settings
+from headwater.settings import PROJECT_ROOT, Settings, get_settings
 from headwater.state import StateStore
 from tasks.evaluate import (
     LabelledQuery,
     QuerySetError,
     VariantError,
+    choose_tuned,
     compare_paired,
     judged_ids,
     ndcg_at,
@@ -25,6 +26,8 @@ from tasks.evaluate import (
     percentile,
     recall_at,
     reciprocal_rank,
+    select_split,
+    split_of,
 )
 from tasks.retrieve import RetrievedChunk, RetrievedDocument
 
@@ -121,9 +124,60 @@ def test_variants_are_presets_or_named_overrides() -> None:
     assert (top1.name, top1.top_k, top1.max_chunks_per_doc) == ("top1", 1, 1)
     assert parse_variant("small:collection=DocsChunks100").collection == "DocsChunks100"
     assert parse_variant({"name": "diverse", "mmr": True}).mmr
-    for bad in ("x:colour=red", "x:alpha=2", "x:top_k"):
+    for bad in ("x:colour=red", "x:alpha=2", "x:top_k", "x:fusion=mean",
+                "x:query_properties="):
         with pytest.raises(VariantError):
             parse_variant(bad)
+
+
+def test_fusion_and_keyword_properties_are_variant_overrides_of_the_settings() -> None:
+    ranked = parse_variant("ranked:fusion=rankedFusion,query_properties=text+title^3")
+    assert (ranked.fusion, ranked.query_properties) == ("rankedFusion", ["text", "title^3"])
+    settings = Settings(retrieval_alpha=0.3, retrieval_fusion="rankedFusion",
+                        retrieval_query_properties=["text"], collection="Docs")
+    default = parse_variant("default").resolved(settings)
+    assert (default.alpha, default.fusion, default.query_properties, default.collection) == (
+        0.3, "rankedFusion", ["text"], "Docs")
+    own = parse_variant("bm25:query_properties=title").resolved(settings)
+    assert (own.alpha, own.fusion, own.query_properties) == (0.0, "rankedFusion", ["title"])
+
+
+# -- tuning on one half, reporting on the other ----------------------------------------------
+
+
+def _numbered(count: int) -> list[LabelledQuery]:
+    return parse_query_set(json.dumps({"id": f"q{n}", "query": f"term {n}", "relevant": ["a"]})
+                           for n in range(count))
+
+
+def test_the_tuning_and_held_out_halves_are_deterministic_disjoint_and_cover_the_set() -> None:
+    queries = _numbered(400)
+    tune, test = select_split(queries, "tune"), select_split(queries, "test")
+    tune_ids, test_ids = {q.id for q in tune}, {q.id for q in test}
+    assert not tune_ids & test_ids and tune_ids | test_ids == {q.id for q in queries}
+    assert 160 < len(tune) < 240, len(tune)
+    assert [q.id for q in select_split(_numbered(400), "tune")] == [q.id for q in tune]
+    assert select_split(queries, "all") == queries
+    # A query's half follows from its id alone: a larger set keeps the smaller set's halves.
+    assert {q.id for q in select_split(_numbered(800), "tune")} & {
+        q.id for q in queries} == tune_ids
+    assert {split_of(q.id, seed="another") for q in tune} == {"tune", "test"}
+    with pytest.raises(QuerySetError, match="no split 'train'"):
+        select_split(queries, "train")
+
+
+def test_the_tuning_rule_takes_the_best_mean_of_recall_at_5_and_mrr_then_ndcg() -> None:
+    def scored(recall: float, mrr: float, ndcg: float) -> dict:
+        return {"metrics": {"recall@5": recall, "mrr@10": mrr, "ndcg@10": ndcg}}
+
+    report = {"variants": {"bm25": scored(1.0, 1.0, 1.0), "a": scored(0.9, 0.7, 0.9),
+                           "b": scored(0.8, 0.8, 0.7), "c": scored(0.7, 0.9, 0.8),
+                           "d": scored(0.6, 0.8, 0.95)}}
+    # a, b and c tie on the mean (0.8): nDCG decides; d's nDCG cannot make up its mean.
+    assert choose_tuned(report, ["a", "b", "c", "d"]) == "a"
+    assert choose_tuned(report) == "bm25"
+    with pytest.raises(VariantError):
+        choose_tuned(report, ["missing"])
 
 
 # -- the paired comparison ------------------------------------------------------------------
@@ -267,9 +321,29 @@ TOPICS = {
 SALARY = "What are the salary bands for engineers?"
 
 
+# `ranking/osprey.html` has the word only in its title (its file name); `birds.md` in its text.
+RANKING = {
+    "osprey.html": "<html><body><p>Clean the filters every week so that the water stays "
+                   "clear.</p></body></html>",
+    "birds.md": "# Birds\n\nAn osprey nests near water; herons and kingfishers fish there too, "
+                "and gulls follow the boats home every evening.\n",
+    "pump.md": "# Pump service\n\nThe pump is serviced yearly: replace the impeller seal.\n",
+    "impeller.md": "# Impeller\n\nAn impeller seal wears out; a worn seal leaks water from the "
+                   "pump housing.\n",
+    "vpn.md": "# VPN\n\nWhen the VPN is down, restart the client.\n",
+    "leak.md": "# Leaks\n\nWater dripping under a machine usually means a gasket has failed "
+               "and must be replaced.\n",
+    "seal.md": "# Seal catalogue\n\nSeal, seal, seal: part numbers for every seal we stock, "
+               "impeller seal included.\n",
+}
+PUMP_QUESTIONS = ["why does the pump leak water", "impeller seal", "pump seal leaking",
+                  "water leaking from the pump"]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, local_stack) -> Iterator[FolderSource]:
-    """Twenty labelled documents for staff and one for HR only, synced once."""
+    """Twenty labelled documents for staff and one for HR only, synced once; and, under
+    `ranking/`, the documents that show the search settings at work."""
     from tasks.index import connect_index, delete_index
 
     root = tmp_path_factory.mktemp("evaluate")
@@ -281,7 +355,9 @@ def corpus(tmp_path_factory, local_stack) -> Iterator[FolderSource]:
             source.write(f"{topic}/notes.md", f"# {topic} notes\n\n{second}\n")
         source.write("hr/salary.md", "# Salary bands\n\nThe salary bands for engineers are "
                                      "B1 to B5, reviewed every March.\n")
-        assert source.sync()["new"] == 21
+        for name, text in RANKING.items():
+            source.write(f"ranking/{name}", text)
+        assert source.sync()["new"] == 21 + len(RANKING)
         yield source
         get_settings.cache_clear()
         delete_index(client, collection)
@@ -333,3 +409,63 @@ def test_evaluation_sees_the_index_as_the_given_principals_do(
     assert staff["variants"]["default"]["metrics"]["recall@10"] == 0.0
     assert hr["variants"]["default"]["metrics"]["mrr@10"] == 1.0
     assert hr["principals"] == ["public", "user:hana", "group:hr"]
+
+
+# -- the settings tuning chooses from reach Weaviate ------------------------------------------
+
+
+def _per_query(source: FolderSource, report: dict) -> dict[str, dict[str, dict]]:
+    runs = source.store.evaluation_runs(fingerprint=report["fingerprint"])
+    return {r.variant: {q["id"]: q for q in r.per_query} for r in runs
+            if r.run_id == report["run_id"]}
+
+
+def test_a_keyword_properties_variant_decides_whether_titles_are_searched(
+        corpus: FolderSource, tmp_path: Path) -> None:
+    from flows.evaluate import evaluate_retrieval
+
+    dataset = _query_set(tmp_path / "osprey.jsonl", [
+        {"id": "osprey", "query": "osprey", "relevant": ["ranking/osprey.html"]}])
+    report = evaluate_retrieval(dataset, ["text-only:alpha=0,query_properties=text",
+                                          "titles:alpha=0,query_properties=text+title^2"],
+                                ["group:staff"])
+    found = _per_query(corpus, report)
+    assert found["text-only"]["osprey"]["retrieved"] == ["ranking/birds.md"]
+    assert found["titles"]["osprey"]["retrieved"][0] == "ranking/osprey.html"
+    assert report["variants"]["titles"]["metrics"]["mrr@10"] == 1.0
+    assert report["variants"]["titles"]["config"]["query_properties"] == ["text", "title^2"]
+
+
+def test_a_fusion_variant_merges_by_ranks_instead_of_scores(
+        corpus: FolderSource, tmp_path: Path) -> None:
+    from flows.evaluate import evaluate_retrieval
+    from headwater.records import QueryFilters
+    from tasks.embed import encode, load_embedder
+    from tasks.retrieve import retrieve
+
+    dataset = _query_set(tmp_path / "pump.jsonl", [
+        {"id": f"q{n}", "query": q, "relevant": ["ranking/pump.md"]}
+        for n, q in enumerate(PUMP_QUESTIONS)])
+    report = evaluate_retrieval(dataset, ["scores:alpha=0.3,fusion=relativeScoreFusion",
+                                          "ranks:alpha=0.3,fusion=rankedFusion"], ["group:staff"])
+    found = _per_query(corpus, report)
+    orders = {v: [found[v][f"q{n}"]["retrieved"] for n in range(len(PUMP_QUESTIONS))]
+              for v in ("scores", "ranks")}
+    assert orders["scores"] != orders["ranks"], orders
+    assert report["variants"]["ranks"]["config"]["fusion"] == "rankedFusion"
+
+    # Relative fusion normalises each list's scores (the last chunk of both scores 0); ranked
+    # fusion adds weighted reciprocal ranks, which never reach 0: Weaviate got the fusion asked.
+    settings = get_settings()
+    embedder = load_embedder(settings.embedding_model, settings.embedding_backend,
+                             settings.cache_dir)
+    vector = encode(embedder, ["impeller seal"], 1)[0]
+
+    def scores(fusion: str) -> list[float]:
+        return [d.best.score for d in retrieve(
+            corpus.client, corpus.collection, "impeller seal", vector, ["group:staff"],
+            QueryFilters(), top_k=50, alpha=0.3, fusion=fusion)]
+
+    relative, ranked = scores("relativeScoreFusion"), scores("rankedFusion")
+    assert len(relative) == len(ranked) == 27
+    assert relative[-1] == 0.0 and 0.1 < ranked[-1] < ranked[0] < 1.0 + 1e-6
