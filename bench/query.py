@@ -128,9 +128,9 @@ def main() -> None:
 
         with connect_index(settings) as client:
             collection = client.collections.use(settings.collection)
-            from weaviate.classes.query import Filter, HybridFusion, MetadataQuery
+            from weaviate.classes.query import Filter, MetadataQuery
 
-            from tasks.retrieve import RETURNED, candidate_count
+            from tasks.retrieve import FUSIONS, RETURNED, candidate_count
 
             allowed = Filter.by_property("principals").contains_any(
                 ["public", "user:bench", "group:all-staff", "group:hr", "group:finance",
@@ -141,7 +141,8 @@ def main() -> None:
                 collection.query.hybrid(
                     query=question, vector=vectors[question], alpha=settings.retrieval_alpha,
                     limit=candidate_count(5, 2), filters=allowed,
-                    fusion_type=HybridFusion.RELATIVE_SCORE, query_properties=["text", "title^2"],
+                    fusion_type=FUSIONS[settings.retrieval_fusion],
+                    query_properties=list(settings.retrieval_query_properties),
                     return_properties=RETURNED, return_metadata=MetadataQuery(score=True))
 
             for q in QUESTIONS:  # warm both paths

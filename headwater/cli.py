@@ -529,8 +529,10 @@ def config(markdown: bool = typer.Option(False, help="Print the README's table."
     if markdown:
         typer.echo(settings_table())
         return
+    from headwater.settings import env_value
+
     for name, value in get_settings().model_dump().items():
-        typer.echo(f"HEADWATER_{name.upper()}={value}")
+        typer.echo(f"HEADWATER_{name.upper()}={env_value(value)}")
 
 
 def _evaluation_failed(state: object) -> None:

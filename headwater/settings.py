@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -252,6 +253,12 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def env_value(value: object) -> str:
+    """A setting's value as its environment variable spells it: lists and tables as JSON, which
+    is how pydantic-settings reads them back."""
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
 def settings_table() -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from headwater.settings import PROJECT_ROOT, Settings, settings_table
+from headwater.settings import PROJECT_ROOT, Settings, env_value, settings_table
 
 
 def test_defaults_run_the_stack_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,3 +33,12 @@ def test_environment_overrides_use_the_headwater_prefix(monkeypatch: pytest.Monk
 def test_readme_configuration_table_is_generated_from_the_settings() -> None:
     readme = (PROJECT_ROOT / "README.md").read_text()
     assert settings_table() in readme, "run `headwater config --markdown` and paste it in README"
+
+
+def test_every_setting_reads_back_what_headwater_config_prints(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = Settings()
+    for name, value in defaults.model_dump().items():
+        if value is not None:
+            monkeypatch.setenv(f"HEADWATER_{name.upper()}", env_value(value))
+    assert Settings().model_dump() == defaults.model_dump()

@@ -15,14 +15,14 @@ from conftest import isolated_settings
 from headwater import stack
 from headwater.errors import IndexUnavailable, IndexWriteError
 from headwater.records import Chunk
-from headwater.settings import Settings
+from headwater.settings import Settings, env_value
 from tasks.index import connect_index, ensure_collection, upsert_chunks
 
 HEADWATER = str(Path(sys.executable).parent / "headwater")
 
 
 def _env(settings: Settings) -> dict[str, str]:
-    values = {f"HEADWATER_{k.upper()}": str(v) for k, v in settings.model_dump().items()
+    values = {f"HEADWATER_{k.upper()}": env_value(v) for k, v in settings.model_dump().items()
               if v is not None}
     return {**os.environ, **values}
 

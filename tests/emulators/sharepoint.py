@@ -487,21 +487,29 @@ class SharePointEmulator(Emulator):
                               f"{token}&{query}")
         return Response(200, {"d": body})
 
+    def _changes_after(self, query: dict[str, Any], scope_id: str, scope: str
+                       ) -> int | Response:
+        """The change number a query's start token names (0 without one), or the error
+        SharePoint answers for a token of another scope or older than the change log."""
+        start = (query.get("ChangeTokenStart") or {}).get("StringValue")
+        if not start:
+            return 0
+        parts = start.split(";")
+        if len(parts) != 5 or parts[2] != scope_id:
+            return _sp_error(400, "-1, System.ArgumentException",
+                             f"The change token is not valid for this {scope}.")
+        if int(parts[4]) < self.change_log_start:
+            return _sp_error(400, "-2146233086, System.ArgumentOutOfRangeException",
+                             "Specified argument was out of the range of valid values.\r\n"
+                             "Parameter name: The changeToken refers to a time before the "
+                             "start of the current change log.")
+        return int(parts[4])
+
     def _changes(self, request: Request, lib: Library) -> Response:
         query = (request.json() or {}).get("query", {})
-        start = (query.get("ChangeTokenStart") or {}).get("StringValue")
-        after = 0
-        if start:
-            parts = start.split(";")
-            if len(parts) != 5 or parts[2] != lib.id:
-                return _sp_error(400, "-1, System.ArgumentException",
-                                 "The change token is not valid for this list.")
-            after = int(parts[4])
-            if after < self.change_log_start:
-                return _sp_error(400, "-2146233086, System.ArgumentOutOfRangeException",
-                                 "Specified argument was out of the range of valid values.\r\n"
-                                 "Parameter name: The changeToken refers to a time before the "
-                                 "start of the current change log.")
+        after = self._changes_after(query, lib.id, "list")
+        if isinstance(after, Response):
+            return after
         limit = int(query.get("FetchLimit") or 1000)
         found = [c for c in self.changes if c["list"] == lib.id and c["item"] is not None
                  and c["number"] > after]
@@ -523,19 +531,9 @@ class SharePointEmulator(Emulator):
         """The site's change log: changes of the site itself (SP.ChangeWeb) and of its lists
         (SP.ChangeList), by the query's object and change types."""
         query = (request.json() or {}).get("query", {})
-        start = (query.get("ChangeTokenStart") or {}).get("StringValue")
-        after = 0
-        if start:
-            parts = start.split(";")
-            if len(parts) != 5 or parts[2] != self.web_id:
-                return _sp_error(400, "-1, System.ArgumentException",
-                                 "The change token is not valid for this site.")
-            after = int(parts[4])
-            if after < self.change_log_start:
-                return _sp_error(400, "-2146233086, System.ArgumentOutOfRangeException",
-                                 "Specified argument was out of the range of valid values.\r\n"
-                                 "Parameter name: The changeToken refers to a time before the "
-                                 "start of the current change log.")
+        after = self._changes_after(query, self.web_id, "site")
+        if isinstance(after, Response):
+            return after
         wanted = {11: "RoleAssignmentAdd", 12: "RoleAssignmentDelete"}
         found = [c for c in self.changes if c["item"] is None and c["number"] > after
                  and query.get("List" if c["list"] else "Web")
