@@ -40,8 +40,10 @@ stamp=.venv/.headwater-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "== installing Python dependencies (torch and its CUDA libraries: about 6 GB)"
-  .venv/bin/pip install --quiet --upgrade pip
-  .venv/bin/pip install --quiet -e '.[dev]'
+  # No wheel cache: it would hold a second copy of torch's ~4 GB of wheels on a machine whose
+  # disk may be nearly full (a CI run once failed here with ENOSPC).
+  .venv/bin/pip install --quiet --no-cache-dir --upgrade pip
+  .venv/bin/pip install --quiet --no-cache-dir -e '.[dev]'
   echo "$want" > "$stamp"
 fi
 
