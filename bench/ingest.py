@@ -68,11 +68,12 @@ def _timed(call: Callable[[], Any]) -> tuple[Any, float]:
 class Bench:
     """One corpus, and a fresh state DB and collection for every run over it."""
 
-    def __init__(self, work: Path, policy: list[str]) -> None:
+    def __init__(self, work: Path, policy: list[str], batch_size: int | None = None) -> None:
         self.work, self.policy = work, policy
         self.corpus, self.large = work / "corpus", work / "large"
+        sized = {"batch_size": batch_size} if batch_size else {}
         sources = [{"name": name, "type": "folder", "params": {"root": str(root)},
-                    "principals": {"": ["group:staff"]}, "policy": frameworks}
+                    "principals": {"": ["group:staff"]}, "policy": frameworks, **sized}
                    for name, root, frameworks in (("plain", self.corpus, []),
                                                   ("policy", self.corpus, policy),
                                                   ("large", self.large, []))]
@@ -256,13 +257,15 @@ def main() -> None:
                         help="Frameworks of the compliance-on runs (repeatable); default gdpr.")
     parser.add_argument("--compliance-sample", type=int, default=1000,
                         help="Documents the compliance stage and the plain loop both read.")
+    parser.add_argument("--batch-size", type=int,
+                        help="Documents per batch of every source (default: the sources' own).")
     parser.add_argument("--output", type=Path, help="Write the figures as JSON here too.")
     args = parser.parse_args()
     backends = list(dict.fromkeys(args.backend or ["torch", "auto"]))
     load_start = os.getloadavg()
 
     work = Path(tempfile.mkdtemp(prefix="headwater-bench-"))
-    bench = Bench(work, args.policy or ["gdpr"])
+    bench = Bench(work, args.policy or ["gdpr"], args.batch_size)
     write_corpus(bench.corpus, args.documents)
     write_corpus(bench.large, args.prefect_documents)
 
@@ -284,6 +287,7 @@ def main() -> None:
     figures: dict[str, Any] = {
         "documents": args.documents, "chunks": len(texts), "document_chars": doc_chars,
         "chunk_chars": chunk_chars, "policy": bench.policy,
+        "batch_size": source_config(settings.config, "plain").batch_size,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "load_average_start": [round(x, 2) for x in load_start], "backends": {}}
     try:

@@ -28,8 +28,9 @@ SENTENCES = [
     "ok",
 ]
 # Lowest cosine to torch fp32 over SENTENCES, per backend. int8 matrix products lose more,
-# most on the shortest text: 0.975 measured for "ok" on AVX2 (0.99 to 0.995 for the others).
-COSINE_BOUND = {"onnx": 0.99, "openvino": 0.99, "openvino-int8": 0.99, "onnx-int8": 0.97,
+# most on the shortest text: 0.970 measured for "ok" on AVX2 with the attention's projections
+# in int8 too (0.99 to 0.995 for the others; 0.977 the lowest over the guard's 600 passages).
+COSINE_BOUND = {"onnx": 0.99, "openvino": 0.99, "openvino-int8": 0.99, "onnx-int8": 0.96,
                 "torch-bf16": 0.99}
 NO_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
 WITH_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_vnni avx512_bf16\n"
@@ -68,6 +69,29 @@ def test_every_backend_gives_normalised_vectors_close_to_torch_fp32(
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
     cosine = np.sum(vectors * reference, axis=1)
     assert cosine.min() >= COSINE_BOUND[backend], cosine
+
+
+def test_int8_lanes_give_each_text_its_own_vector_as_one_lane_does(export_cache: Path) -> None:
+    # Batches of two run on several threads at once; each row must still land on its text.
+    path = backends.exported_model(export_cache, model_path(MODEL), "onnx-int8")
+    texts = [f"{sentence} ({n})" for n in range(5) for sentence in SENTENCES]
+
+    def embedder(lanes: int) -> backends.Embedder:
+        return backends.Embedder(MODEL, "onnx-int8", load_model(MODEL),
+                                 run=backends._onnxruntime_session(path, 1),
+                                 max_batch=backends.INT8_CPU_BATCH_SIZE, lanes=lanes)
+
+    assert np.array_equal(embedder(3).encode(texts), embedder(1).encode(texts))
+
+
+def test_int8_gives_a_text_the_same_vector_whatever_it_is_embedded_with(
+        export_cache: Path) -> None:
+    # Dynamic quantization scales activations per model call: one text a call keeps the
+    # embedding cache's promise that a text's vector is a function of the text alone.
+    embedder = _embedder("onnx-int8", export_cache)
+    alone = embedder.encode(["ok"])
+    assert np.array_equal(embedder.encode(SENTENCES, batch_size=32)[SENTENCES.index("ok")],
+                          alone[0])
 
 
 def test_export_is_cached_so_a_second_load_exports_nothing(export_cache: Path) -> None:
