@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -104,8 +104,9 @@ class Bench:
 
 
 def plain_sync(source: str) -> dict:
-    """The sync flow's stages as plain functions, in the flow's order and with its overlap
-    (batch N written on a thread while batch N+1 is prepared), without Prefect."""
+    """The sync flow's stages as plain functions, in the flow's order and with its overlaps
+    (batch N written on a thread while batch N+1 is prepared; under a policy, batch N+1
+    redacted while batch N is embedded), without Prefect."""
     from headwater.settings import get_settings
     from tasks import ingest
 
@@ -118,13 +119,28 @@ def plain_sync(source: str) -> dict:
             batch = stage(ctx, batch)
         return batch
 
-    with ThreadPoolExecutor(1) as writer:
-        pending: Future | None = None
+    def prepared() -> Iterator[ingest.Batch]:
+        # As the flow does under a policy: batch N+1 redacted while batch N is embedded.
+        redacting: Future | None = None
         for batch in ingest.list_pages(ctx):
             batch = deletions.hold(batch)
             for stage in (ingest.fetch_documents, ingest.parse_documents,
-                          ingest.validate_documents, ingest.redact_pii,
-                          ingest.chunk_documents, ingest.embed_chunks):
+                          ingest.validate_documents):
+                batch = stage(ctx, batch) if batch.changes else batch
+            if ctx.policy is None:
+                yield ingest.redact_pii(ctx, batch) if batch.changes else batch
+                continue
+            following = redactor.submit(ingest.redact_pii, ctx, batch)
+            if redacting is not None:
+                yield redacting.result()
+            redacting = following
+        if redacting is not None:
+            yield redacting.result()
+
+    with ThreadPoolExecutor(1) as writer, ThreadPoolExecutor(1) as redactor:
+        pending: Future | None = None
+        for batch in prepared():
+            for stage in (ingest.chunk_documents, ingest.embed_chunks):
                 batch = stage(ctx, batch) if batch.changes else batch
             if pending is not None:
                 summary.add(pending.result())

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
-from prefect.futures import wait
+from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -109,11 +109,10 @@ def index_pages(ctx: opaque, pages: Iterable[ingest.Batch], summary: ingest.Sync
     """Pages of changes through every stage into the index, deletions last (the flows that
     index changes share it: `sync_source` and `ingest_changes`)."""
     deletions, writes = ingest.HeldDeletions(), _Writes(ctx, summary)
+    ahead = writes.threads and ctx.unwrap().policy is not None
     try:
-        for batch in pages:
-            batch = deletions.hold(batch)
-            for stage in (fetch_documents, parse_documents, validate_documents, redact_pii,
-                          chunk_documents, *writes.embedding_here):
+        for batch in _redacted(ctx, (deletions.hold(page) for page in pages), ahead):
+            for stage in (chunk_documents, *writes.embedding_here):
                 batch = stage(ctx, opaque(batch)) if batch.changes else batch
             writes.submit(batch)
         writes.finish()
@@ -124,6 +123,35 @@ def index_pages(ctx: opaque, pages: Iterable[ingest.Batch], summary: ingest.Sync
     except BaseException:
         writes.drain()  # never release the lock under a write still in flight
         raise
+
+
+def _redacted(ctx: opaque, pages: Iterable[ingest.Batch], ahead: bool
+              ) -> Iterator[ingest.Batch]:
+    """Batches fetched, parsed, checked and through the compliance policy. `ahead` (threads,
+    a policy): batch N+1 is prepared and redacted, in the policy's worker processes, while the
+    caller chunks and embeds batch N; on two cores that fills the gaps either leaves alone."""
+    redacting: PrefectFuture | ingest.Batch | None = None
+    for batch in pages:
+        try:
+            for stage in (fetch_documents, parse_documents, validate_documents):
+                batch = stage(ctx, opaque(batch)) if batch.changes else batch
+        except Exception:
+            if redacting is not None:  # the batch before a failing one is still written
+                yield _done(redacting)
+            raise
+        if not ahead:
+            yield redact_pii(ctx, opaque(batch)) if batch.changes else batch
+            continue
+        following = redact_pii.submit(ctx, opaque(batch)) if batch.changes else batch
+        if redacting is not None:
+            yield _done(redacting)
+        redacting = following
+    if redacting is not None:
+        yield _done(redacting)
+
+
+def _done(step: PrefectFuture | ingest.Batch) -> ingest.Batch:
+    return step.result() if isinstance(step, PrefectFuture) else step
 
 
 class _Writes:
