@@ -79,6 +79,9 @@ FINDING_LEVELS: dict[str, str] = {
 UNUSED_COMPONENTS = ("tagger", "parser", "senter", "attribute_ruler", "lemmatizer")
 # Longer texts are analysed in pieces cut at paragraph ends: spaCy's memory grows with a text.
 PIECE_CHARS = 20_000
+# Between titles and headings analysed together: spaCy and libphonenumber read a paragraph end
+# as a boundary.
+_LINE_BREAK = "\n\n"
 ANALYZER_BATCH = 32
 # Shown in a mask: the tail an operator needs to tell values apart; the rest becomes "*".
 _MASK_TAIL = {"CREDIT_CARD": 4, "IBAN_CODE": 4, "US_BANK_NUMBER": 4, "PHONE_NUMBER": 2}
@@ -221,6 +224,37 @@ def _nlp_engine(model: str) -> Any:
     return engine
 
 
+_DIGIT = re.compile(r"\d")
+
+
+def has_digit(text: str) -> bool:
+    """Whether a text holds a digit of any script (libphonenumber reads them all)."""
+    return _DIGIT.search(text) is not None
+
+
+@lru_cache(maxsize=1)
+def _gated_phone_recognizer() -> type:
+    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
+
+    class GatedPhoneRecognizer(PhoneRecognizer):
+        """Presidio's phone recognizer, not run on a text without a digit."""
+
+        def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None) -> list:
+            # libphonenumber's matcher scans the whole text once per region (eight by
+            # default): the costliest recognizer after the NER, and a phone number always
+            # has digits, so skipping digit-free texts loses nothing.
+            if not has_digit(text):
+                return []
+            return super().analyze(text, entities, nlp_artifacts)
+
+    return GatedPhoneRecognizer
+
+
+def phone_recognizer() -> Any:
+    """Presidio's PhoneRecognizer (same name, regions and scores), skipping digit-free text."""
+    return _gated_phone_recognizer()(name="PhoneRecognizer")
+
+
 @lru_cache(maxsize=16)
 def analyzer(model: str, recognizers: tuple[str, ...] = (),
              disabled: tuple[str, ...] = ()) -> Any:
@@ -230,6 +264,8 @@ def analyzer(model: str, recognizers: tuple[str, ...] = (),
     from presidio_analyzer import AnalyzerEngine, BatchAnalyzerEngine, Pattern, PatternRecognizer
 
     engine = AnalyzerEngine(nlp_engine=_nlp_engine(model), supported_languages=["en"])
+    engine.registry.remove_recognizer("PhoneRecognizer")
+    engine.registry.add_recognizer(phone_recognizer())
     for name in disabled:
         engine.registry.remove_recognizer(name)
     for raw in recognizers:
@@ -587,20 +623,21 @@ class Policy:
         """Every document's text, title and headings rewritten under the policy, in one
         analyzer batch; sections are moved with the text so headings stay with their text."""
         headings = sorted({h for p in parsed for s in p.sections for h in s.heading_path})
-        texts = [p.text for p in parsed] + [p.document.title for p in parsed] + headings
-        spans = self.analyze(texts)
+        lines = sorted({p.document.title for p in parsed} | set(headings))
+        combined, places = _combined(lines)
+        spans = self.analyze([p.text for p in parsed] + combined)
         count = len(parsed)
+        in_line = _separated(spans[count:], places, lines)
         renamed: dict[str, str] = {}
         heading_findings: dict[str, list[Finding]] = {}
-        for heading, found in zip(headings, spans[2 * count :], strict=True):
-            new, findings, _ = self.rewrite(heading, found)
+        for heading in headings:
+            new, findings, _ = self.rewrite(heading, in_line[heading])
             renamed[heading] = new
             heading_findings[new] = findings
         result, by_doc = [], {}
-        for p, text_spans, title_spans in zip(parsed, spans[:count], spans[count : 2 * count],
-                                              strict=True):
+        for p, text_spans in zip(parsed, spans[:count], strict=True):
             text, text_findings, moves = self.rewrite(p.text, text_spans)
-            title, title_findings, _ = self.rewrite(p.document.title, title_spans)
+            title, title_findings, _ = self.rewrite(p.document.title, in_line[p.document.title])
             sections = [Section([renamed[h] for h in s.heading_path],
                                 _moved(moves, s.start, inside="start"),
                                 _moved(moves, s.end, inside="end")) for s in p.sections]
@@ -614,6 +651,40 @@ class Policy:
             document = p.document.model_copy(update={"title": title})
             result.append(ParsedDocument(document, text, sections))
         return result, by_doc
+
+
+def _combined(lines: Sequence[str], limit: int = PIECE_CHARS
+              ) -> tuple[list[str], list[tuple[int, int]]]:
+    """Titles and headings as the lines of a few texts, and where each one went (text, offset).
+
+    Analysed one by one, a few words each, they cost Presidio's fixed work per text (every
+    recognizer's set-up, libphonenumber once per region) and spaCy's per document: for short
+    documents that was over a quarter of the stage.
+    """
+    texts: list[list[str]] = []
+    places, size = [], limit
+    for line in lines:
+        if size + len(_LINE_BREAK) + len(line) > limit:
+            texts.append([])
+            size = -len(_LINE_BREAK)
+        size += len(_LINE_BREAK)
+        places.append((len(texts) - 1, size))
+        texts[-1].append(line)
+        size += len(line)
+    return [_LINE_BREAK.join(t) for t in texts], places
+
+
+def _separated(spans: Sequence[Sequence[Span]], places: Sequence[tuple[int, int]],
+               lines: Sequence[str]) -> dict[str, list[Span]]:
+    """Each line's findings from its combined text's; a finding over a line break is cut in
+    two, so each line still loses its part of the value."""
+    found: dict[str, list[Span]] = {}
+    for line, (text, offset) in zip(lines, places, strict=True):
+        end = offset + len(line)
+        found[line] = [s._replace(start=max(s.start, offset) - offset,
+                                  end=min(s.end, end) - offset)
+                       for s in spans[text] if s.start < end and offset < s.end]
+    return found
 
 
 def _moved(moves: Sequence[tuple[int, int, int, int]], position: int, inside: str) -> int:

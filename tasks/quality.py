@@ -239,23 +239,30 @@ def _pii_recognizers() -> tuple[Any, ...]:
         CreditCardRecognizer,
         EmailRecognizer,
         IbanRecognizer,
-        PhoneRecognizer,
         UsSsnRecognizer,
     )
 
+    from tasks.compliance import phone_recognizer
+
     return (EmailRecognizer(), CreditCardRecognizer(), IbanRecognizer(), UsSsnRecognizer(),
-            PhoneRecognizer())
+            phone_recognizer())
 
 
 def residual_pii_scores(texts: Sequence[str], entities: Iterable[str]) -> list[float]:
     """Per text, the highest score of any personal data of the given types (those the policy
     removes: `tasks.compliance.removed_entities`)."""
+    from tasks.compliance import has_digit
+
     wanted = [e for e in RESIDUAL_PII_ENTITIES if e in set(entities)]
     recognizers = [r for r in _pii_recognizers()
                    if set(r.get_supported_entities()) & set(wanted)]
     scores = []
     for text in texts:
         best = 0.0
+        # Every type checked is an e-mail address (an "@") or made of digits.
+        if "@" not in text and not has_digit(text):
+            scores.append(best)
+            continue
         for recognizer in recognizers:
             for found in recognizer.analyze(text, wanted, None):
                 best = max(best, float(found.score))

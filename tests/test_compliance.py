@@ -251,6 +251,53 @@ def test_sections_move_with_the_rewritten_text_so_headings_stay_with_their_parag
     assert chunk.pii_types == ["PERSON"] and chunk.classification == "restricted"
 
 
+def test_titles_and_headings_read_together_each_keep_their_own_findings() -> None:
+    titles = ["Call +44 20 7946 0958 first", "Spares", "Notes by Jane Roe",
+              "Orders: jane.roe@example.com", "Spares"]
+    parsed = [_parsed(f"doc-{n}.md", f"# Pumps {n}\n\nSeals are kept in hall {n}.",
+                      title=title, mime="text/markdown") for n, title in enumerate(titles)]
+    policy = _policy(compliance.resolve_actions(_source(policy=["gdpr"])))
+    documents, findings = policy.apply(parsed)
+
+    assert [d.document.title for d in documents] == [
+        "Call <PHONE_NUMBER> first", "Spares", "Notes by <PERSON>",
+        "Orders: <EMAIL_ADDRESS>", "Spares"]
+    assert [[f.entity_type for f in findings[f"doc-{n}.md"].title] for n in range(5)] == [
+        ["PHONE_NUMBER"], [], ["PERSON"], ["EMAIL_ADDRESS"], []]
+    assert [d.sections[0].heading_path for d in documents] == [[f"Pumps {n}"] for n in range(5)]
+
+
+def test_a_finding_over_a_line_break_is_cut_between_the_lines() -> None:
+    lines = ["Notes of Jane", "Roe", "Spares"]
+    combined, places = compliance._combined(lines)
+    assert combined == ["Notes of Jane\n\nRoe\n\nSpares"]
+    span = compliance.Span("PERSON", combined[0].index("Jane"), combined[0].index("Roe") + 3, 0.85)
+    found = compliance._separated([[span]], places, lines)
+    assert found == {"Notes of Jane": [span._replace(start=9, end=13)],
+                     "Roe": [span._replace(start=0, end=3)], "Spares": []}
+    # Past the size of a piece, the lines go on in another text.
+    combined, places = compliance._combined(["a" * 8, "b" * 8, "c" * 8], limit=20)
+    assert combined == ["a" * 8 + "\n\n" + "b" * 8, "c" * 8]
+    assert places == [(0, 0), (0, 10), (1, 0)]
+
+
+@pytest.mark.parametrize("text", [
+    "Call +44 20 7946 0958 or (202) 555-0143 after nine.",
+    "Room 4, shelf 12.",
+    "Ruf an: \uff10\uff12\uff10 \uff17\uff19\uff14\uff16 \uff10\uff19\uff15\uff18",  # fullwidth
+    "Seals are kept in hall two.",
+    "",
+])
+def test_the_phone_recognizer_finds_what_presidios_own_finds(text: str) -> None:
+    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
+
+    def found(recognizer: object) -> list[tuple]:
+        return [(r.start, r.end, r.score) for r in recognizer.analyze(text, ["PHONE_NUMBER"])]
+
+    assert found(compliance.phone_recognizer()) == found(PhoneRecognizer())
+    assert compliance.phone_recognizer().name == "PhoneRecognizer"
+
+
 # -- through the sync flow, against the real Weaviate -------------------------------------------
 
 CONTACTS = ("# Spares desk\n\nOrders for impeller seals go to Margaret Whitfield, who runs the "
