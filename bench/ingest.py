@@ -203,6 +203,10 @@ def sync_run(bench: Bench, backend: str, source: str, doc_chars: int, chunk_char
             "chunks_per_s": _rate(summary["chunks_written"], wall),
             # Raw encode time of the same chunks over the sync's wall time.
             "to_raw_encode": round(raw_s / wall, 3),
+            # How long the embedder (on torch-fp16, the GPU) waited on the CPU's stages: the
+            # sync's time outside the embed stage, which runs on the flow's thread only.
+            "embedder_waits_s": round(wall - summary["seconds"].get("embed", 0.0), 1),
+            "embedder_waits_share": round(1 - summary["seconds"].get("embed", 0.0) / wall, 3),
             "stages": stage_table(summary, doc_chars, chunk_chars)}
 
 
@@ -409,8 +413,11 @@ def print_table(figures: dict) -> None:
             print(f"{stage:<12}" + "".join(f"{c['chars_per_s']!s:>16}{c['chunks_per_s']!s:>10}"
                                            for c in cells))
         for k in ("compliance_off", "compliance_on"):
+            device = "the GPU" if row["resolved"] == "torch-fp16" else "the embedder"
             print(f"end to end, {k}: {row[k]['chunks_per_s']} chunks/s, "
-                  f"{row[k]['to_raw_encode']:.1%} of raw encode ({row[k]['wall_s']} s)")
+                  f"{row[k]['to_raw_encode']:.1%} of raw encode ({row[k]['wall_s']} s); "
+                  f"{device} waited on CPU stages {row[k]['embedder_waits_s']} s "
+                  f"({row[k]['embedder_waits_share']:.1%})")
     c = figures["compliance"]
     print(f"\ncompliance on {c['documents']} documents: " + ", ".join(
         f"{k} {v} chars/s" for k, v in c["chars_per_s"].items())
