@@ -25,7 +25,8 @@ VARIANTS = ["hybrid", "bm25", "vector"]
 # The tuning grid, run on the tuning half only: hybrid weights, fusion types and the
 # properties BM25 searches (heading_path: the chunk's section headings).
 GRID_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-GRID_FUSIONS = {"relative": "relativeScoreFusion", "ranked": "rankedFusion"}
+GRID_FUSIONS = {"relative": "relativeScoreFusion", "ranked": "rankedFusion",
+                "document": "documentRankedFusion"}
 GRID_PROPERTIES = ("text+title^2", "text", "text+title^2+heading_path")
 _QUALIFIER = re.compile(r"\s*\([^()]+\)\s*$")
 # An index term linked from this many pages or more is a topic word, not a question.

@@ -130,7 +130,7 @@ def main() -> None:
             collection = client.collections.use(settings.collection)
             from weaviate.classes.query import Filter, MetadataQuery
 
-            from tasks.retrieve import FUSIONS, RETURNED, candidate_count
+            from tasks.retrieve import DOCUMENT_FUSION, FUSIONS, RETURNED, candidate_count
 
             allowed = Filter.by_property("principals").contains_any(
                 ["public", "user:bench", "group:all-staff", "group:hr", "group:finance",
@@ -138,6 +138,13 @@ def main() -> None:
 
             def raw_query(question: str) -> None:
                 # Exactly the search the API makes for a default request, minus everything else.
+                if settings.retrieval_fusion == DOCUMENT_FUSION:  # two searches, fused by us
+                    asked = {"limit": candidate_count(5, 2), "filters": allowed,
+                             "return_properties": RETURNED}
+                    collection.query.bm25(query=question, query_properties=list(
+                        settings.retrieval_query_properties), **asked)
+                    collection.query.near_vector(near_vector=vectors[question], **asked)
+                    return
                 collection.query.hybrid(
                     query=question, vector=vectors[question], alpha=settings.retrieval_alpha,
                     limit=candidate_count(5, 2), filters=allowed,

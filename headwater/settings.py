@@ -127,12 +127,13 @@ class Settings(BaseSettings):
     # The defaults of alpha, fusion and query properties were tuned on the tuning half of the
     # Python docs benchmark (docs/benchmarks.md), by a rule fixed before the grid was run.
     retrieval_alpha: float = Field(
-        default=0.4, ge=0, le=1, description="Hybrid search weight: 0 keyword only, 1 vector only."
+        default=0.3, ge=0, le=1, description="Hybrid search weight: 0 keyword only, 1 vector only."
     )
-    retrieval_fusion: Literal["relativeScoreFusion", "rankedFusion"] = Field(
-        default="rankedFusion", description="How the hybrid search merges its keyword "
-        "and vector lists: by normalised scores or by ranks (Weaviate's fusion types)."
-    )
+    retrieval_fusion: Literal["documentRankedFusion", "relativeScoreFusion", "rankedFusion"] = (
+        Field(default="documentRankedFusion", description="How the hybrid search merges its "
+              "keyword and vector lists: `documentRankedFusion` ranks documents in each and "
+              "fuses the two document rankings by reciprocal rank; `relativeScoreFusion` and "
+              "`rankedFusion` are Weaviate's fusions of chunks, by normalised scores or ranks."))
     retrieval_query_properties: list[str] = Field(
         default=["text"], min_length=1, description="Chunk properties the keyword half "
         'searches, `^n` boosting one, as JSON (e.g. `["text", "title^2"]`).'

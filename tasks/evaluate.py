@@ -195,7 +195,7 @@ class Variant(BaseModel):
     mmr: bool = False
     max_chunks_per_doc: int = Field(default=2, ge=1, le=10)
     collection: str | None = Field(default=None, description="None: HEADWATER_COLLECTION.")
-    fusion: Literal["relativeScoreFusion", "rankedFusion"] | None = Field(
+    fusion: Literal["documentRankedFusion", "relativeScoreFusion", "rankedFusion"] | None = Field(
         default=None, description="None: HEADWATER_RETRIEVAL_FUSION.")
     query_properties: list[str] | None = Field(
         default=None, min_length=1, description="None: HEADWATER_RETRIEVAL_QUERY_PROPERTIES.")

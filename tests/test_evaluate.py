@@ -469,3 +469,32 @@ def test_a_fusion_variant_merges_by_ranks_instead_of_scores(
     relative, ranked = scores("relativeScoreFusion"), scores("rankedFusion")
     assert len(relative) == len(ranked) == 27
     assert relative[-1] == 0.0 and 0.1 < ranked[-1] < ranked[0] < 1.0 + 1e-6
+
+
+def test_document_fusion_fuses_the_two_searches_document_rankings_by_reciprocal_rank(
+        corpus: FolderSource) -> None:
+    from headwater.records import QueryFilters
+    from tasks.embed import encode, load_embedder
+    from tasks.retrieve import DOCUMENT_FUSION, DOCUMENT_RANK_K, retrieve
+
+    settings = get_settings()
+    embedder = load_embedder(settings.embedding_model, settings.embedding_backend,
+                             settings.cache_dir)
+    vector = encode(embedder, ["impeller seal"], 1)[0]
+
+    def ranking(alpha: float) -> list[tuple[str, float]]:
+        return [(d.best.doc_id, d.best.score) for d in retrieve(
+            corpus.client, corpus.collection, "impeller seal", vector, ["group:staff"],
+            QueryFilters(), top_k=50, alpha=alpha, fusion=DOCUMENT_FUSION)]
+
+    keyword, semantic, fused = ranking(0.0), ranking(1.0), ranking(0.3)
+    expected: dict[str, float] = {}
+    for weight, ranked in ((0.7, keyword), (0.3, semantic)):
+        for rank, (doc_id, _) in enumerate(ranked, 1):
+            expected[doc_id] = expected.get(doc_id, 0.0) + weight / (DOCUMENT_RANK_K + rank)
+    scale = DOCUMENT_RANK_K + 1
+    assert [d for d, _ in fused] == sorted(expected, key=lambda d: -expected[d])
+    assert [s for _, s in fused] == pytest.approx([expected[d] * scale for d, _ in fused])
+    # Alone, each search keeps its own order; a document first in both would score 1.
+    assert keyword[0][1] == pytest.approx(1.0) and semantic[0][1] == pytest.approx(1.0)
+    assert 0 < fused[-1][1] < fused[0][1] <= 1.0
