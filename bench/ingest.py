@@ -33,8 +33,6 @@ PEOPLE = ["Jane Roe", "Margaret Whitfield", "Daniel Okafor", "Priya Natarajan", 
 STAGES = ("fetch", "parse", "validate", "compliance", "chunk", "embed", "index", "commit")
 # Which text a stage reads: the parsed documents, or the chunks (overlap included).
 READS_CHUNKS = ("embed", "index", "commit")
-# The stack's servers whose CPU time a sync is charged with (names of `headwater up`'s records).
-STACK = ("prefect-server", "prefect-worker", "weaviate")
 
 
 def _paragraph(rng: random.Random, sentences: int) -> str:
@@ -166,10 +164,12 @@ def stage_table(summary: dict, doc_chars: int, chunk_chars: int) -> dict[str, di
     return rows
 
 
-def cpu_seconds(data_dir: Path) -> dict[str, float]:
-    """CPU seconds used so far by this process and by each server of the stack (`headwater
-    up` records their process ids), children included: Prefect's work happens in both."""
+def cpu_seconds(settings: Any) -> dict[str, float]:
+    """CPU seconds used so far by this process and by each running server of the stack,
+    children included: Prefect's work happens in both."""
     import psutil
+
+    from headwater.stack import components, pid_of
 
     def used(process: psutil.Process) -> float:
         times = process.cpu_times()
@@ -181,10 +181,11 @@ def cpu_seconds(data_dir: Path) -> dict[str, float]:
         return total
 
     seconds = {"bench": used(psutil.Process())}
-    for name in STACK:
-        with suppress(OSError, ValueError, KeyError, psutil.Error):
-            pid = json.loads((data_dir / "run" / f"{name}.json").read_text())["pid"]
-            seconds[name] = used(psutil.Process(pid))
+    for component in components(settings):
+        pid = pid_of(settings, component.name)
+        if pid is not None:
+            with suppress(psutil.Error):  # it stopped since
+                seconds[component.name] = used(psutil.Process(pid))
     return seconds
 
 
@@ -193,9 +194,9 @@ def sync_run(bench: Bench, backend: str, source: str, doc_chars: int, chunk_char
     from flows.sync import sync_source
 
     settings = bench.fresh(backend)
-    before = cpu_seconds(settings.data_dir)
+    before = cpu_seconds(settings)
     summary, wall = _timed(lambda: plain_sync(source) if plain else sync_source(source))
-    after = cpu_seconds(settings.data_dir)
+    after = cpu_seconds(settings)
     assert summary["status"] == "completed" and summary["quarantined"] == 0, summary
     return {"wall_s": round(wall, 1), "chunks": summary["chunks_written"],
             "cpu_s": {k: round(after[k] - before[k], 2) for k in after if k in before},
