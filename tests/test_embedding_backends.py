@@ -71,24 +71,28 @@ def test_every_backend_gives_normalised_vectors_close_to_torch_fp32(
     assert cosine.min() >= COSINE_BOUND[backend], cosine
 
 
-def test_int8_lanes_give_each_text_its_own_vector_as_one_lane_does(export_cache: Path) -> None:
-    # Batches of two run on several threads at once; each row must still land on its text.
-    path = backends.exported_model(export_cache, model_path(MODEL), "onnx-int8")
+@pytest.mark.parametrize("backend", ["onnx-int8", "openvino-int8"])
+def test_int8_lanes_give_each_text_its_own_vector_as_one_lane_does(
+        backend: str, export_cache: Path) -> None:
+    # Texts run on several threads (streams) at once; each row must still land on its text.
+    path = backends.exported_model(export_cache, model_path(MODEL), backend)
     texts = [f"{sentence} ({n})" for n in range(5) for sentence in SENTENCES]
 
     def embedder(lanes: int) -> backends.Embedder:
-        return backends.Embedder(MODEL, "onnx-int8", load_model(MODEL),
-                                 run=backends._onnxruntime_session(path, 1),
+        run = (backends._onnxruntime_session(path, 1) if backend == "onnx-int8"
+               else backends._openvino_model(path, lanes, int8=True))
+        return backends.Embedder(MODEL, backend, load_model(MODEL), run=run,
                                  max_batch=backends.INT8_CPU_BATCH_SIZE, lanes=lanes)
 
     assert np.array_equal(embedder(3).encode(texts), embedder(1).encode(texts))
 
 
+@pytest.mark.parametrize("backend", ["onnx-int8", "openvino-int8"])
 def test_int8_gives_a_text_the_same_vector_whatever_it_is_embedded_with(
-        export_cache: Path) -> None:
+        backend: str, export_cache: Path) -> None:
     # Dynamic quantization scales activations per model call: one text a call keeps the
     # embedding cache's promise that a text's vector is a function of the text alone.
-    embedder = _embedder("onnx-int8", export_cache)
+    embedder = _embedder(backend, export_cache)
     alone = embedder.encode(["ok"])
     assert np.array_equal(embedder.encode(SENTENCES, batch_size=32)[SENTENCES.index("ok")],
                           alone[0])
@@ -178,6 +182,16 @@ def test_auto_reads_this_machines_guard_file(tmp_path: Path) -> None:
                          [_result("torch", 1.0), _result("onnx-int8", 2.0, recall_delta=-1.0),
                           _result("onnx", 1.3)])
     assert backends.resolve_backend("auto", model_dir, tmp_path, cuda=False) == "onnx"
+
+
+def test_a_guard_file_of_another_recipe_is_not_trusted(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Measured before a backend's settings changed, its figures are not the backend's now.
+    model_dir = model_path(MODEL)
+    path = backends.guard_file(tmp_path, model_dir)
+    backends.write_guard(path, model_dir, [_result("torch", 1.0), _result("onnx", 1.3)])
+    monkeypatch.setattr(backends, "RUN_RECIPE", backends.RUN_RECIPE + 1)
+    assert backends.read_guard(path, model_dir) is None
 
 
 def test_auto_uses_a_cuda_gpu_in_fp16_and_fp16_needs_one(tmp_path: Path) -> None:
