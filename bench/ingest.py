@@ -391,7 +391,8 @@ def main() -> None:
             order = ("flow", "plain") if n % 2 == 0 else ("plain", "flow")
             rounds.append({kind: sync_run(bench, default, "large", 0, 0, 1.0,
                                           plain=kind == "plain") for kind in order})
-        figures["prefect"] = prefect_share(rounds, default, args.prefect_documents)
+        if rounds:  # --prefect-rounds 0: the per-backend figures only
+            figures["prefect"] = prefect_share(rounds, default, args.prefect_documents)
     finally:
         bench.drop_collections()
     figures["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -426,7 +427,9 @@ def print_table(figures: dict) -> None:
     for r in c["recognizers"]:
         print(f"  {r['recognizer']:<28} {r['seconds']:>7} s {r['share_of_stage']:>7.1%} "
               f"findings {r['findings']} added {r['findings_added']}")
-    p = figures["prefect"]
+    p = figures.get("prefect")
+    if p is None:
+        return
     print(f"\nPrefect, {p['documents']} documents ({p['chunks']} chunks), {p['backend']}:")
     for n, r in enumerate(p["rounds"], 1):
         print(f"  round {n}: wall flow {r['flow_wall_s']} s, plain {r['plain_wall_s']} s, share "
