@@ -482,16 +482,21 @@ def load_embedder(model_name: str, model_dir: str, reference: Any, backend: str,
         return Embedder(model_name, backend, reference, torch_model=model,
                         min_batch=GPU_BATCH_SIZE if device == "cuda" else 1)
     path = exported_model(cache_dir, model_dir, backend)
-    lanes = cpu_threads()
-    if backend == "onnx-int8":
-        # ONNX Runtime sessions take concurrent runs: one session, a lane (thread) per core.
-        return Embedder(model_name, backend, reference, run=_onnxruntime_session(path, 1),
-                        max_batch=INT8_CPU_BATCH_SIZE, lanes=lanes)
-    if backend == "openvino-int8":
-        return Embedder(model_name, backend, reference, run=_openvino_model(path, lanes, int8=True),
+    if backend in ("onnx-int8", "openvino-int8"):
+        lanes = cpu_threads()
+        return Embedder(model_name, backend, reference, run=int8_runner(backend, path, lanes),
                         max_batch=INT8_CPU_BATCH_SIZE, lanes=lanes)
     runner = _onnxruntime_session(path) if backend.startswith("onnx") else _openvino_model(path)
     return Embedder(model_name, backend, reference, run=runner)
+
+
+def int8_runner(backend: str, path: Path, lanes: int
+                ) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """A CPU int8 backend's model call, for `lanes` threads calling it at once on a core each:
+    one ONNX Runtime session of one thread, or OpenVINO with a stream per lane."""
+    if backend == "onnx-int8":
+        return _onnxruntime_session(path, 1)  # sessions take concurrent runs
+    return _openvino_model(path, lanes, int8=True)
 
 
 def _onnxruntime_session(path: Path, threads: int | None = None

@@ -79,9 +79,8 @@ def test_int8_lanes_give_each_text_its_own_vector_as_one_lane_does(
     texts = [f"{sentence} ({n})" for n in range(5) for sentence in SENTENCES]
 
     def embedder(lanes: int) -> backends.Embedder:
-        run = (backends._onnxruntime_session(path, 1) if backend == "onnx-int8"
-               else backends._openvino_model(path, lanes, int8=True))
-        return backends.Embedder(MODEL, backend, load_model(MODEL), run=run,
+        return backends.Embedder(MODEL, backend, load_model(MODEL),
+                                 run=backends.int8_runner(backend, path, lanes),
                                  max_batch=backends.INT8_CPU_BATCH_SIZE, lanes=lanes)
 
     assert np.array_equal(embedder(3).encode(texts), embedder(1).encode(texts))
