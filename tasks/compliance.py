@@ -232,18 +232,47 @@ def has_digit(text: str) -> bool:
     return _DIGIT.search(text) is not None
 
 
+# A run of digits as libphonenumber's matcher reads one: digit blocks apart by at most four
+# characters of its punctuation (none of them a letter or digit but "x").
+_DIGIT_RUN = re.compile(r"\d(?:(?:[^\w]|x){0,4}\d)*")
+
+
+@lru_cache(maxsize=1)
+def shortest_phone_number() -> int:
+    """The fewest digits of any valid number of any region in libphonenumber's metadata: a
+    valid number's national significant digits are one of its region's general lengths
+    (lengths for local dialling only never make a number valid)."""
+    import phonenumbers
+    from phonenumbers import PhoneMetadata
+
+    regions = [PhoneMetadata.metadata_for_region(r) for r in phonenumbers.SUPPORTED_REGIONS]
+    regions += [PhoneMetadata.metadata_for_nongeo_region(c)
+                for c in phonenumbers.COUNTRY_CODES_FOR_NON_GEO_REGIONS]
+    lengths = [[n for n in m.general_desc.possible_length if n > 0] for m in regions]
+    # A region without lengths would be checked by pattern alone: then nothing is skipped.
+    return min(min(n) if n else 1 for n in lengths)
+
+
+def may_hold_phone_number(text: str) -> bool:
+    """Whether some run of digits in the text is long enough to be a phone number."""
+    least = shortest_phone_number()
+    return any(sum(c.isdigit() for c in run.group()) >= least
+               for run in _DIGIT_RUN.finditer(text))
+
+
 @lru_cache(maxsize=1)
 def _gated_phone_recognizer() -> type:
     from presidio_analyzer.predefined_recognizers import PhoneRecognizer
 
     class GatedPhoneRecognizer(PhoneRecognizer):
-        """Presidio's phone recognizer, not run on a text without a digit."""
+        """Presidio's phone recognizer, not run on a text without a long enough digit run."""
 
         def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None) -> list:
             # libphonenumber's matcher scans the whole text once per region (eight by
-            # default): the costliest recognizer after the NER, and a phone number always
-            # has digits, so skipping digit-free texts loses nothing.
-            if not has_digit(text):
+            # default): the costliest recognizer after the NER. It reports valid numbers
+            # only, whose national digits alone are at least `shortest_phone_number()` (4),
+            # so titles like "Report 12" or "page 7" lose nothing by being skipped.
+            if not may_hold_phone_number(text):
                 return []
             return super().analyze(text, entities, nlp_artifacts)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import time
@@ -284,6 +285,8 @@ def test_a_finding_over_a_line_break_is_cut_between_the_lines() -> None:
 @pytest.mark.parametrize("text", [
     "Call +44 20 7946 0958 or (202) 555-0143 after nine.",
     "Room 4, shelf 12.",
+    "Rufen Sie 030 1234 an, oder 0 30 / 12 34 56.",
+    "Ext. 12-34, 1x2x3x4, (089) 1-2.",
     "Ruf an: \uff10\uff12\uff10 \uff17\uff19\uff14\uff16 \uff10\uff19\uff15\uff18",  # fullwidth
     "Seals are kept in hall two.",
     "",
@@ -296,6 +299,22 @@ def test_the_phone_recognizer_finds_what_presidios_own_finds(text: str) -> None:
 
     assert found(compliance.phone_recognizer()) == found(PhoneRecognizer())
     assert compliance.phone_recognizer().name == "PhoneRecognizer"
+
+
+def test_the_phone_gate_never_hides_a_number_presidio_finds() -> None:
+    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
+
+    # Digit blocks of every length joined by libphonenumber's punctuation, letters and spaces.
+    rng = random.Random(5)
+    pieces = ["+", "(", ")", "-", ".", "/", " ", "  ", "x", "~", "\u2013", "ab", "Tel. ", "\n"]
+    texts = ["".join(rng.choice(pieces) + "".join(rng.choice("0123456789") for _ in range(
+        rng.randint(1, 5))) for _ in range(rng.randint(1, 5))) for _ in range(600)]
+    plain, gated = PhoneRecognizer(), compliance.phone_recognizer()
+    skipped = [t for t in texts if not compliance.may_hold_phone_number(t)]
+    assert skipped, "the table should hold texts the gate skips"
+    assert all(plain.analyze(t, ["PHONE_NUMBER"]) == [] for t in skipped)
+    assert all([(r.start, r.end) for r in gated.analyze(t, ["PHONE_NUMBER"])]
+               == [(r.start, r.end) for r in plain.analyze(t, ["PHONE_NUMBER"])] for t in texts)
 
 
 # -- through the sync flow, against the real Weaviate -------------------------------------------

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+
 import pytest
 from weaviate.classes.query import Filter
 
 from headwater.errors import IndexWriteError
 from headwater.records import Chunk
-from tasks.index import count_chunks, delete_document_chunks, ensure_collection, upsert_chunks
+from tasks.index import (
+    connect_index,
+    count_chunks,
+    delete_document_chunks,
+    ensure_collection,
+    upsert_chunks,
+)
 
 
 def _unit(i: int, dim: int = 384) -> list[float]:
@@ -83,3 +92,36 @@ def test_rejected_objects_are_reported_with_their_reason(weaviate_client, collec
         upsert_chunks(weaviate_client, collection, bad, [_unit(1), _unit(2, dim=8)])
     assert [f["uuid"] for f in raised.value.failed_objects] == [str(bad[1].uuid)]
     assert "rejected" in raised.value.user_message
+
+
+def test_connecting_to_the_index_asks_no_host_but_weaviate(local_stack, settings,
+                                                           monkeypatch) -> None:
+    # Every request for another host goes to this proxy, which notes it and hangs up.
+    proxy = socket.create_server(("127.0.0.1", 0))
+    asked: list[bytes] = []
+
+    def note() -> None:
+        proxy.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                connection, _ = proxy.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                asked.append(connection.recv(200))
+
+    stop = threading.Event()
+    listener = threading.Thread(target=note, daemon=True)
+    listener.start()
+    url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.setenv(name, url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    try:
+        with connect_index(settings) as client:
+            assert client.is_ready()
+    finally:
+        stop.set()
+        listener.join()
+        proxy.close()
+    assert asked == []

@@ -74,3 +74,39 @@ def test_embeddings_are_cached_by_model_and_text_hash(store: StateStore) -> None
     store.store_vectors("m1", {"h1": b"\x00\x01", "h2": b"\x02"})
     assert store.cached_vectors("m1", ["h1", "h3"]) == {"h1": b"\x00\x01"}
     assert store.cached_vectors("m2", ["h1"]) == {}
+
+
+def test_a_readers_only_commit_keeps_classification_and_modified_time(store: StateStore) -> None:
+    store.ensure_source("s3", "s3")
+    store.commit_batch("s3", indexed=[("a", "v1", "1:1", "A", 2, ["group:x"])], deleted=[],
+                       subjects={"a": [("hmac1", "PERSON", [0])]},
+                       classifications={"a": "confidential"},
+                       modified={"a": datetime(2020, 1, 1)})
+    # The readers change, nothing else: the row is rewritten without the two columns.
+    store.commit_batch("s3", indexed=[("a", "v1", "1:2", "", 2, ["group:y"])], deleted=[],
+                       fingerprints=[("a", "1:3")])
+    known = store.known_documents("s3")["a"]
+    assert (known.principals, known.fingerprint) == (["group:y"], "1:3")
+    assert store.document_classification("s3", "a") == "confidential"
+    assert store.expired_documents("s3", datetime(2021, 1, 1)) == ["a"]
+    assert [d.doc_id for d in store.documents_for_subjects(["hmac1"])] == ["a"]
+
+
+def test_a_rewritten_document_replaces_its_subjects_and_new_ones_are_added(
+    store: StateStore,
+) -> None:
+    store.ensure_source("s3", "s3")
+    docs = [(f"d{i}", "v1", None, "", 1, []) for i in range(1200)]  # more than one IN list
+    store.commit_batch("s3", indexed=docs, deleted=[],
+                       subjects={d[0]: [("old", "PERSON", [0])] for d in docs})
+    store.commit_batch("s3", indexed=docs[:700], deleted=["d1199"],
+                       subjects={d[0]: [("new", "EMAIL_ADDRESS", [0])] for d in docs[:700]})
+    assert len(store.documents_for_subjects(["old"])) == 1200 - 700 - 1
+    assert len(store.documents_for_subjects(["new"])) == 700
+    assert store.document_count("s3") == 1199
+
+
+def test_a_vector_stored_again_keeps_the_cached_one(store: StateStore) -> None:
+    store.store_vectors("m1", {"h1": b"\x00\x01"})
+    store.store_vectors("m1", {"h1": b"\x09", "h2": b"\x02"})  # a concurrent sync's copy
+    assert store.cached_vectors("m1", ["h1", "h2"]) == {"h1": b"\x00\x01", "h2": b"\x02"}
