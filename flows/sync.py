@@ -125,29 +125,34 @@ def index_pages(ctx: opaque, pages: Iterable[ingest.Batch], summary: ingest.Sync
         raise
 
 
+# Batches in the policy's worker processes at once, beside the one being embedded: with two,
+# the workers never wait while the flow's thread fetches and parses the next batch.
+REDACT_AHEAD = 2
+
+
 def _redacted(ctx: opaque, pages: Iterable[ingest.Batch], ahead: bool
               ) -> Iterator[ingest.Batch]:
     """Batches fetched, parsed, checked and through the compliance policy. `ahead` (threads,
-    a policy): batch N+1 is prepared and redacted, in the policy's worker processes, while the
-    caller chunks and embeds batch N; on two cores that fills the gaps either leaves alone."""
-    redacting: PrefectFuture | ingest.Batch | None = None
+    a policy): the next REDACT_AHEAD batches are prepared and redacted, in the policy's worker
+    processes, while the caller chunks and embeds one; on two cores that fills the gaps
+    either leaves alone."""
+    redacting: deque[PrefectFuture | ingest.Batch] = deque()
     for batch in pages:
         try:
             for stage in (fetch_documents, parse_documents, validate_documents):
                 batch = stage(ctx, opaque(batch)) if batch.changes else batch
         except Exception:
-            if redacting is not None:  # the batch before a failing one is still written
-                yield _done(redacting)
+            while redacting:  # the batches before a failing one are still written
+                yield _done(redacting.popleft())
             raise
         if not ahead:
             yield redact_pii(ctx, opaque(batch)) if batch.changes else batch
             continue
-        following = redact_pii.submit(ctx, opaque(batch)) if batch.changes else batch
-        if redacting is not None:
-            yield _done(redacting)
-        redacting = following
-    if redacting is not None:
-        yield _done(redacting)
+        redacting.append(redact_pii.submit(ctx, opaque(batch)) if batch.changes else batch)
+        if len(redacting) > REDACT_AHEAD:
+            yield _done(redacting.popleft())
+    while redacting:
+        yield _done(redacting.popleft())
 
 
 def _done(step: PrefectFuture | ingest.Batch) -> ingest.Batch:

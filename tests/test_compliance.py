@@ -614,6 +614,27 @@ def test_a_sync_whose_analyzer_worker_is_killed_quarantines_the_batch_and_goes_o
     assert "<EMAIL_ADDRESS>" in texts and not any(value in texts for value in RAW)
 
 
+def test_batches_redacted_ahead_of_a_failing_batch_are_still_written(
+    folder: FolderSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.sync import REDACT_AHEAD, sync_source
+
+    _with_policy(folder, monkeypatch, policy=["gdpr"], batch_size=2,
+                 quality={"min_batch_for_failed_share": 2})
+    good = 2 * REDACT_AHEAD  # as many batches as are redacted ahead of the one that fails
+    for i in range(good):
+        folder.write(f"a-{i}.md", f"# Note {i}\n\nAsk Daniel Okafor about seal {i}.\n")
+    for i in range(2):  # the listing's last batch: files with no text, a broken export
+        folder.write(f"z-{i}.md", "   \n\n   \n")
+
+    state = sync_source("handbook", return_state=True)
+    assert state.is_failed()
+    assert "2 of 2 documents in a batch failed" in str(state.result(raise_on_failure=False))
+    assert sorted(folder.index()) == [f"a-{i}.md" for i in range(good)]
+    assert folder.store.document_count("handbook") == good
+    assert not any("Okafor" in t for chunks in folder.index().values() for t in chunks)
+
+
 @pytest.mark.parametrize(("fields", "refusal"), [
     ({"policy": ["gdpr"], "compliance": {"disabled_recognizers": ["PhoneRecognizer"]}},
      "disables PhoneRecognizer, which finds ['PHONE_NUMBER'] that the source's policy removes"),
