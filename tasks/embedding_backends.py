@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib.metadata import version
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -457,9 +458,14 @@ class Embedder:
         run = self._run
         assert run is not None
         if self._lanes > 1 and len(batches) > 1:
+            first = []
             if self._pool is None:
+                # The first call runs alone: OpenVINO's bindings set up static state on first
+                # use (pybind11's numpy API inside a static of their own), and two threads
+                # doing that at once deadlock, each holding what the other waits for.
+                first = [run(batches[0][1])]
                 self._pool = ThreadPoolExecutor(self._lanes, thread_name_prefix="embed-lane")
-            results = self._pool.map(run, [feed for _, feed in batches])
+            results = chain(first, self._pool.map(run, [f for _, f in batches[len(first):]]))
         else:
             results = map(run, [feed for _, feed in batches])
         for (rows, _), vectors in zip(batches, results, strict=True):

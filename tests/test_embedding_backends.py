@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,6 +85,29 @@ def test_int8_lanes_give_each_text_its_own_vector_as_one_lane_does(
                                  max_batch=backends.INT8_CPU_BATCH_SIZE, lanes=lanes)
 
     assert np.array_equal(embedder(3).encode(texts), embedder(1).encode(texts))
+
+
+def test_the_first_model_call_ends_before_the_lanes_start() -> None:
+    # OpenVINO's bindings set up static state on their first call, and two threads doing it at
+    # once deadlocked a sync (each holding what the other waited for: the GIL, a static's
+    # guard), in about one fresh process of four under a busy GIL.
+    calls: list[tuple[str, float, float]] = []
+
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        started = time.perf_counter()
+        time.sleep(0.02)
+        calls.append((threading.current_thread().name, started, time.perf_counter()))
+        return np.ones((len(feed["input_ids"]), 384), dtype=np.float32)
+
+    embedder = backends.Embedder(MODEL, "openvino-int8", load_model(MODEL), run=run,
+                                 max_batch=1, lanes=2)
+    embedder.encode(SENTENCES)
+    first, *rest = sorted(calls, key=lambda c: c[1])
+    assert first[0] == threading.current_thread().name
+    assert rest and all(c[0].startswith("embed-lane") and c[1] >= first[2] for c in rest)
+    calls.clear()
+    embedder.encode(SENTENCES)  # later calls go to the lanes at once
+    assert all(c[0].startswith("embed-lane") for c in calls)
 
 
 @pytest.mark.parametrize("backend", ["onnx-int8", "openvino-int8"])
