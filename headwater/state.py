@@ -7,13 +7,13 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     JSON,
@@ -53,8 +53,9 @@ class Base(DeclarativeBase):
     pass
 
 
-# The dialects whose INSERT can skip rows that exist (the two the store supports).
-_UPSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+def _upsert(engine: Engine) -> Callable[..., Any]:
+    """The INSERT that takes ON CONFLICT, of the store's two dialects (PostgreSQL, SQLite)."""
+    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
 
 def _parts(items: list, size: int = 500) -> Iterator[list]:
@@ -507,11 +508,11 @@ class StateStore:
             by_source.setdefault(source, []).append(doc_id)
         with self.session() as s:
             for source, doc_ids in by_source.items():
-                for start in range(0, len(doc_ids), 500):
+                for part in _parts(doc_ids):
                     rows = s.execute(select(DocumentRow.doc_id, DocumentRow.modified,
                                             DocumentRow.principals).where(
                         DocumentRow.source == source,
-                        DocumentRow.doc_id.in_(doc_ids[start : start + 500])))
+                        DocumentRow.doc_id.in_(part)))
                     found.update({(source, d): (m, list(p or [])) for d, m, p in rows})
         return found
 
@@ -595,9 +596,9 @@ class StateStore:
         wanted = sorted(set(hmacs))
         found: dict[tuple[str, str], tuple[set[int], set[str]]] = {}
         with self.session() as s:
-            for start in range(0, len(wanted), 500):
+            for part in _parts(wanted):
                 rows = s.execute(select(SubjectRow).where(
-                    SubjectRow.subject.in_(wanted[start : start + 500]))).scalars()
+                    SubjectRow.subject.in_(part))).scalars()
                 for row in rows:
                     ordinals, types = found.setdefault((row.source, row.doc_id), (set(), set()))
                     ordinals.update(row.ordinals or [])
@@ -638,9 +639,9 @@ class StateStore:
         gone = sorted(set(subjects))
         removed = 0
         with self.session() as s:
-            for start in range(0, len(gone), 500):
+            for part in _parts(gone):
                 removed += s.execute(delete(SubjectRow).where(
-                    SubjectRow.subject.in_(gone[start : start + 500]))).rowcount
+                    SubjectRow.subject.in_(part))).rowcount
             for doc_id, ordinals in erased.items():
                 drop = set(ordinals)
                 rows = s.execute(select(SubjectRow).where(SubjectRow.source == source,
@@ -659,19 +660,19 @@ class StateStore:
         hashes = sorted(set(text_hashes))
         removed = 0
         with self.session() as s:
-            for start in range(0, len(hashes), 500):
+            for part in _parts(hashes):
                 removed += s.execute(delete(EmbeddingRow).where(
-                    EmbeddingRow.text_hash.in_(hashes[start : start + 500]))).rowcount
+                    EmbeddingRow.text_hash.in_(part))).rowcount
         return removed
 
     def mark_for_reread(self, source: str, doc_ids: Iterable[str]) -> None:
         """Make the next sync fetch these documents again, whatever their version says."""
         wanted = sorted(set(doc_ids))
         with self.session() as s:
-            for start in range(0, len(wanted), 500):
+            for part in _parts(wanted):
                 s.execute(update(DocumentRow).where(
                     DocumentRow.source == source,
-                    DocumentRow.doc_id.in_(wanted[start : start + 500]),
+                    DocumentRow.doc_id.in_(part),
                 ).values(version="", fingerprint=None))
 
     def expired_documents(self, source: str, before: datetime) -> list[str]:
@@ -699,10 +700,10 @@ class StateStore:
         wanted = sorted(set(doc_ids))
         found: set[str] = set()
         with self.session() as s:
-            for start in range(0, len(wanted), 500):
+            for part in _parts(wanted):
                 found |= set(s.execute(select(PersistedAnswerRow.flow_run_id).where(
                     PersistedAnswerRow.source == source,
-                    PersistedAnswerRow.doc_id.in_(wanted[start : start + 500]))).scalars())
+                    PersistedAnswerRow.doc_id.in_(part))).scalars())
         return sorted(found)
 
     def forget_persisted_answer(self, flow_run_id: str) -> None:
@@ -831,16 +832,12 @@ class StateStore:
         wanted = sorted(set(doc_ids))
         if not wanted:
             return 0
-        if self.engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
         now = utcnow()
         with self.session() as s:
-            for start in range(0, len(wanted), 500):
+            for part in _parts(wanted):
                 rows = [{"source": source, "doc_id": d, "token": uuid.uuid4().hex,
-                         "noted_at": now} for d in wanted[start : start + 500]]
-                statement = insert(PendingChangeRow).values(rows)
+                         "noted_at": now} for d in part]
+                statement = _upsert(self.engine)(PendingChangeRow).values(rows)
                 s.execute(statement.on_conflict_do_update(
                     index_elements=["source", "doc_id"],
                     set_={"token": statement.excluded.token,
@@ -869,8 +866,7 @@ class StateStore:
     def cached_vectors(self, model: str, hashes: list[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
         with self.session() as s:
-            for start in range(0, len(hashes), 500):
-                part = hashes[start : start + 500]
+            for part in _parts(hashes):
                 rows = s.execute(select(EmbeddingRow.text_hash, EmbeddingRow.vector).where(
                     EmbeddingRow.model == model, EmbeddingRow.text_hash.in_(part)))
                 found.update({h: v for h, v in rows})
@@ -880,14 +876,9 @@ class StateStore:
         rows = [{"model": model, "text_hash": h, "vector": v} for h, v in vectors.items()]
         if not rows:
             return
-        dialect = self.engine.dialect.name
         with self.session() as s:
-            if dialect in _UPSERTS:
-                # Another source's sync may have stored the same text since it was looked up.
-                s.execute(_UPSERTS[dialect](EmbeddingRow).on_conflict_do_nothing(), rows)
-                return
-            for row in rows:
-                s.merge(EmbeddingRow(**row))
+            # Another source's sync may have stored the same text since it was looked up.
+            s.execute(_upsert(self.engine)(EmbeddingRow).on_conflict_do_nothing(), rows)
 
     # -- answer feedback and retrieval evaluations -------------------------------------------
 
